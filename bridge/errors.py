@@ -1,0 +1,100 @@
+"""The exception tree of task-bridge.
+
+Every error the package raises derives from :class:`BridgeError`; errors of httpx and aio-pika are translated
+at the boundary (``raise ... from exc``) so the run loop only ever sees this tree::
+
+    BridgeError
+    ├── SettingsError                 bad configuration, found at start; one line per problem
+    ├── UpstreamError                 a PollTaskResult / AcknowledgeTaskResult call failed
+    │   ├── RetryableUpstreamError    throttling, 5xx, connection errors, timeouts: back off and retry
+    │   │   └── ThrottledError        Throttling*: carries the server's retry-after when it sent one
+    │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew: stop
+    └── BrokerError                   the RabbitMQ connection or topology failed
+        └── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
+
+``RETRYABLE`` names the classes the run loop may retry; anything else stops the process with one clear line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RETRYABLE",
+    "BridgeError",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "FatalUpstreamError",
+    "RetryableUpstreamError",
+    "SettingsError",
+    "ThrottledError",
+    "UpstreamError",
+]
+
+
+class BridgeError(Exception):
+    """Root of every error task-bridge raises."""
+
+
+class SettingsError(BridgeError):
+    """The configuration is invalid. ``problems`` holds one line per setting, never a secret's value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class UpstreamError(BridgeError):
+    """An upstream call failed. Carries the gateway's ``Code``, ``Message`` and ``RequestId`` when it sent them."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        action: str,
+        code: str | None = None,
+        request_id: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        self.action = action
+        self.code = code
+        self.request_id = request_id
+        self.status_code = status_code
+        self.upstream_message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [f"{self.action} failed"]
+        if self.status_code is not None:
+            parts.append(f"HTTP {self.status_code}")
+        if self.code:
+            parts.append(f"Code={self.code}")
+        if self.request_id:
+            parts.append(f"RequestId={self.request_id}")
+        # The gateway's message can span lines (SignatureDoesNotMatch appends the string to sign): keep one line.
+        return f"{', '.join(parts)}: {' '.join(self.upstream_message.split())}"
+
+
+class RetryableUpstreamError(UpstreamError):
+    """A transient upstream failure; the same call may succeed later."""
+
+
+class ThrottledError(RetryableUpstreamError):
+    """The gateway throttled the call. ``retry_after_s`` is the server's hint, when it gave one."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: object) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class FatalUpstreamError(UpstreamError):
+    """A failure that retrying cannot fix: wrong credentials, wrong signature, wrong clock, bad parameters."""
+
+
+class BrokerError(BridgeError):
+    """A RabbitMQ failure other than a per-message publish outcome."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker cannot be reached or the connection was lost."""
+
+
+RETRYABLE: tuple[type[BridgeError], ...] = (RetryableUpstreamError, BrokerUnavailableError)

@@ -1,0 +1,109 @@
+"""Prometheus metrics of the bridge, on a registry of their own so each test and each app gets a fresh set.
+
+The README's metrics table, the alert rules and the Grafana dashboard in ``deploy/`` use exactly these names;
+a test checks they agree. Label values are small fixed sets (never ids, domains or secrets).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from bridge import __version__
+
+__all__ = ["ACK_OUTCOMES", "INVALID_REASONS", "PUBLISH_OUTCOMES", "UPSTREAM_OUTCOMES", "Metrics"]
+
+PUBLISH_OUTCOMES = ("ack", "nack", "returned", "timeout", "closed")
+UPSTREAM_OUTCOMES = ("ok", "throttled", "retryable_error", "fatal_error")
+ACK_OUTCOMES = ("confirmed", "not_confirmed", "failed")
+INVALID_REASONS = ("validation", "no_detail_no")
+_ACTIONS = ("PollTaskResult", "AcknowledgeTaskResult")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the bridge exports. Build one per process (or per test) with its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.info = Info("bridge", "task-bridge build information.", registry=r)
+        self.info.info({"version": __version__})
+        self.polls = Counter(
+            "bridge_polls", "PollTaskResult pages requested, by outcome.", ["outcome"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "bridge_upstream_requests",
+            "Upstream API requests, by action and outcome.",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "bridge_upstream_request_duration_seconds",
+            "Upstream API request latency, by action.",
+            ["action"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.details_received = Counter(
+            "bridge_details_received", "Task details received from PollTaskResult.", registry=r
+        )
+        self.events_published = Counter(
+            "bridge_events_published",
+            "Publishes to the broker, by outcome (ack, nack, returned, timeout, closed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.confirm_latency = Histogram(
+            "bridge_publish_confirm_duration_seconds",
+            "Time from publish to the broker's confirm.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.acknowledgements = Counter(
+            "bridge_acknowledgements",
+            "Task details sent to AcknowledgeTaskResult, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.invalid_records = Counter(
+            "bridge_invalid_records",
+            "Records that failed validation (published to the invalid route) or had no usable TaskDetailNo.",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "bridge_publishes_in_flight", "Publishes waiting for the broker's confirm.", registry=r
+        )
+        self.confirmed_unacknowledged = Gauge(
+            "bridge_confirmed_unacknowledged",
+            "Details whose event the broker confirmed and that are not yet acknowledged upstream.",
+            registry=r,
+        )
+        self.upstream_backlog = Gauge(
+            "bridge_upstream_backlog", "Pending details reported by the upstream (TotalItemNum).", registry=r
+        )
+        self.last_successful_poll = Gauge(
+            "bridge_last_successful_poll_timestamp_seconds",
+            "Unix time of the last successful PollTaskResult.",
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "bridge_broker_connected", "1 while the broker connection is open, else 0.", registry=r
+        )
+        for outcome in PUBLISH_OUTCOMES:
+            self.events_published.labels(outcome)
+        for outcome in ACK_OUTCOMES:
+            self.acknowledgements.labels(outcome)
+        for reason in INVALID_REASONS:
+            self.invalid_records.labels(reason)
+        for action in _ACTIONS:
+            self.upstream_latency.labels(action)
+            for outcome in UPSTREAM_OUTCOMES:
+                self.upstream_requests.labels(action, outcome)
+        for outcome in ("ok", "error"):
+            self.polls.labels(outcome)
+
+    def names(self) -> set[str]:
+        """Every sample name this registry exports (``_total``, ``_bucket`` … included)."""
+        return {s.name for metric in self.registry.collect() for s in metric.samples}

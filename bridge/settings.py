@@ -1,0 +1,242 @@
+"""Configuration, read once at start from the environment and an optional ``.env`` file.
+
+Credentials use the variables Alibaba Cloud's own SDKs and CLI read (``ALIBABA_CLOUD_ACCESS_KEY_ID`` …); every
+other setting is ``BRIDGE_<NAME>``. A secret may instead be read from the file named by the same variable with
+``_FILE`` appended, as container orchestrators mount secrets. :func:`load_settings` turns every problem into one
+line naming the variable and why, and never shows a secret's value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bridge.errors import SettingsError
+
+__all__ = ["API_FLAVOURS", "SECRET_FIELDS", "Settings", "env_name", "load_settings"]
+
+# Endpoint and API version of the two flavours of the Domain API; request and response fields are identical.
+API_FLAVOURS: dict[str, tuple[str, str]] = {
+    "domain-intl": ("https://domain-intl.aliyuncs.com", "2017-12-18"),
+    "domain": ("https://domain.aliyuncs.com", "2018-01-29"),
+}
+
+_CREDENTIAL_ENV = {
+    "access_key_id": "ALIBABA_CLOUD_ACCESS_KEY_ID",
+    "access_key_secret": "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+    "security_token": "ALIBABA_CLOUD_SECURITY_TOKEN",
+}
+# Settings whose value is never shown; each may also come from a file named by ``<VAR>_FILE``.
+SECRET_FIELDS = ("access_key_id", "access_key_secret", "security_token", "amqp_url")
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return _CREDENTIAL_ENV.get(field, f"BRIDGE_{field.upper()}")
+
+
+class _SecretFilesSource(PydanticBaseSettingsSource):
+    """Reads ``<VAR>_FILE`` for the secret settings, so a mounted secret file can replace the variable."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for field in SECRET_FIELDS:
+            var = env_name(field)
+            path = os.environ.get(f"{var}_FILE")
+            if not path:
+                continue
+            if os.environ.get(var):
+                problems.append(f"{var}_FILE: set together with {var}; set only one of them")
+                continue
+            try:
+                values[field] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(f"{var}_FILE: cannot read {path!r} ({exc.strerror or type(exc).__name__})")
+        if problems:
+            raise SettingsError(problems)
+        return values
+
+
+class Settings(BaseSettings):
+    """Every setting of task-bridge. Field names carry units; the README's settings table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # --- credentials (Alibaba Cloud's own variable names) ---
+    access_key_id: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ALIBABA_CLOUD_ACCESS_KEY_ID", "access_key_id")
+    )
+    access_key_secret: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "access_key_secret")
+    )
+    security_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ALIBABA_CLOUD_SECURITY_TOKEN", "security_token")
+    )
+
+    # --- upstream ---
+    upstream_api: Literal["domain-intl", "domain"] = "domain-intl"
+    upstream_endpoint: str | None = None
+    signature_version: Literal["v3", "v1"] = "v3"
+    lang: Literal["en", "zh"] = "en"
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, validation_alias=AliasChoices("BRIDGE_REQUEST_TIMEOUT_SECONDS")
+    )
+    task_result_status: Literal[2, 3] | None = None
+    domain_name: str | None = None
+    instance_id: str | None = None
+    task_no: str | None = None
+    user_client_ip: str | None = None
+    page_size: int = Field(default=1000, ge=1, le=1000)
+    ack_batch_size: int = Field(default=100, ge=1, le=1000)
+    ack_concurrency: int = Field(default=4, ge=1, le=64)
+
+    # --- broker and event contract ---
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    exchange: str = Field(default="domain.tasks", min_length=1, max_length=200)
+    event_source: str = Field(default="urn:alibabacloud:domain", min_length=1)
+    max_in_flight: int = Field(default=512, ge=1, le=65535)
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, validation_alias=AliasChoices("BRIDGE_PUBLISH_TIMEOUT_SECONDS")
+    )
+
+    # --- run loop ---
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, le=3600, validation_alias=AliasChoices("BRIDGE_POLL_INTERVAL_SECONDS")
+    )
+    backoff_initial_s: float = Field(
+        default=0.5, gt=0, le=60, validation_alias=AliasChoices("BRIDGE_BACKOFF_INITIAL_SECONDS")
+    )
+    backoff_max_s: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias=AliasChoices("BRIDGE_BACKOFF_MAX_SECONDS")
+    )
+    shutdown_timeout_s: float = Field(
+        default=20.0, gt=0, le=600, validation_alias=AliasChoices("BRIDGE_SHUTDOWN_TIMEOUT_SECONDS")
+    )
+    once_deadline_s: float = Field(
+        default=300.0, gt=0, validation_alias=AliasChoices("BRIDGE_ONCE_DEADLINE_SECONDS")
+    )
+
+    # --- observability ---
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    ready_max_poll_age_s: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_READY_MAX_POLL_AGE_SECONDS")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _SecretFilesSource(settings_cls), dotenv_settings)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("upstream_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _check_exchange(cls, value: str) -> str:
+        if value.startswith("amq."):
+            raise ValueError("names starting with 'amq.' are reserved by RabbitMQ")
+        return value
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Settings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("BRIDGE_BACKOFF_MAX_SECONDS must not be below BRIDGE_BACKOFF_INITIAL_SECONDS")
+        return self
+
+    # --- derived values ---
+    @property
+    def endpoint(self) -> str:
+        """Base URL of the upstream API: the override, or the flavour's public endpoint."""
+        return self.upstream_endpoint or API_FLAVOURS[self.upstream_api][0]
+
+    @property
+    def api_version(self) -> str:
+        return API_FLAVOURS[self.upstream_api][1]
+
+    @property
+    def unrouted_exchange(self) -> str:
+        return f"{self.exchange}.unrouted"
+
+    @property
+    def invalid_exchange(self) -> str:
+        return f"{self.exchange}.invalid"
+
+    @property
+    def amqp_url_masked(self) -> str:
+        """The AMQP URL with any password replaced, safe for logs and reports."""
+        url = self.amqp_url.get_secret_value()
+        scheme, sep, rest = url.partition("://")
+        creds, at, host = rest.rpartition("@")
+        if not at:
+            return url
+        user = creds.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}"
+
+    def require_credentials(self) -> None:
+        """Raise :class:`SettingsError` when the access key pair is missing (needed by every upstream call)."""
+        missing = [env_name(f) for f in ("access_key_id", "access_key_secret") if getattr(self, f) is None]
+        if missing:
+            raise SettingsError([f"{var}: required (or set {var}_FILE)" for var in missing])
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    field = loc[0] if loc else ""
+    name = field if field.isupper() else env_name(field) if field else "settings"
+    why = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if field in SECRET_FIELDS or any(var == field for var in _CREDENTIAL_ENV.values()):
+        return f"{name}: {why}"
+    value = error.get("input")
+    if value is None or isinstance(value, dict):
+        return f"{name}: {why}"
+    return f"{name}: {why} (got {value!r})"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings`, turning every validation problem into one line of a :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError([_describe(err) for err in exc.errors()]) from None
