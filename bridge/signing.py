@@ -46,7 +46,9 @@ class Credentials:
 
     __slots__ = ("access_key_id", "access_key_secret", "security_token")
 
-    def __init__(self, access_key_id: str, access_key_secret: SecretStr, security_token: SecretStr | None = None):
+    def __init__(
+        self, access_key_id: str, access_key_secret: SecretStr, security_token: SecretStr | None = None
+    ):
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
         self.security_token = security_token
@@ -79,7 +81,9 @@ def v1_string_to_sign(method: str, params: Iterable[tuple[str, str]]) -> str:
 
 def sign_v1(secret: str, method: str, params: Iterable[tuple[str, str]]) -> str:
     """The V1 ``Signature`` of a request (``Signature`` itself must not be among ``params``)."""
-    digest = hmac.new(f"{secret}&".encode(), v1_string_to_sign(method, params).encode(), hashlib.sha1).digest()
+    digest = hmac.new(
+        f"{secret}&".encode(), v1_string_to_sign(method, params).encode(), hashlib.sha1
+    ).digest()
     return base64.b64encode(digest).decode()
 
 

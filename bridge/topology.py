@@ -47,7 +47,13 @@ def describe(exchange: str, vhost: str = "/") -> dict[str, list[dict[str, Any]]]
         }
 
     def _queue(name: str) -> dict[str, Any]:
-        return {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": QUEUE_ARGUMENTS}
+        return {
+            "name": name,
+            "vhost": vhost,
+            "durable": True,
+            "auto_delete": False,
+            "arguments": QUEUE_ARGUMENTS,
+        }
 
     def _binding(name: str) -> dict[str, Any]:
         return {

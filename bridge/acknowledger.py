@@ -1,0 +1,188 @@
+"""The acknowledger: tells the upstream, in batches, which details the broker has confirmed.
+
+It holds every confirmed-but-unacknowledged ``TaskDetailNo`` until an AcknowledgeTaskResult call succeeds,
+and retries failed calls with backoff *without publishing again*. While an id is held here (or was
+acknowledged after the current poll started, see :meth:`poll_started`), the run loop skips it when a poll
+brings it back, so a failing acknowledgement never causes a second event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from bridge.backoff import Backoff
+from bridge.errors import FatalUpstreamError, RetryableUpstreamError, ThrottledError, UpstreamError
+from bridge.metrics import Metrics
+from bridge.settings import Settings
+from bridge.upstream import UpstreamClient
+
+__all__ = ["Acknowledger"]
+
+log = logging.getLogger(__name__)
+
+
+class Acknowledger:
+    """Batches confirmed ids into AcknowledgeTaskResult calls, at most ``ack_concurrency`` at a time."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._upstream = upstream
+        self._batch_size = settings.ack_batch_size
+        self._slots = asyncio.Semaphore(settings.ack_concurrency)
+        self._metrics = metrics
+        self._on_progress = on_progress
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._pending: dict[str, None] = {}  # confirmed, waiting for a request (insertion-ordered)
+        self._sending: set[str] = set()  # in a request under way
+        self._recent: set[str] = set()  # acknowledged since the current poll started
+        self._retry_at = 0.0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failure: FatalUpstreamError | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failing_since: float | None = None
+
+    # --- bookkeeping used by the run loop ---
+    def add(self, detail_no: str) -> None:
+        """Hold ``detail_no`` (its event is confirmed) until the upstream has acknowledged it."""
+        self._pending[detail_no] = None
+        self._changed()
+        self._wakeup.set()
+
+    def holds(self, detail_no: str) -> bool:
+        """True while ``detail_no`` is confirmed and not yet known to be acknowledged upstream."""
+        return detail_no in self._pending or detail_no in self._sending or detail_no in self._recent
+
+    def poll_started(self) -> None:
+        """Forget ids acknowledged before this poll: the upstream can no longer return them."""
+        self._recent.clear()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending) + len(self._sending)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is outstanding; False when ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- the task ---
+    async def run(self) -> None:
+        """Send batches until cancelled; raise :class:`FatalUpstreamError` when acknowledging cannot work."""
+        try:
+            while True:
+                if self._failure is not None:
+                    raise self._failure
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                delay = self._retry_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    continue
+                await self._slots.acquire()
+                if not self._pending:
+                    self._slots.release()
+                    continue
+                batch = self._take()
+                task = asyncio.create_task(self._send(batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    def _take(self) -> list[str]:
+        batch: list[str] = []
+        for detail_no in self._pending:
+            batch.append(detail_no)
+            if len(batch) >= self._batch_size:
+                break
+        for detail_no in batch:
+            del self._pending[detail_no]
+            self._sending.add(detail_no)
+        return batch
+
+    async def _send(self, batch: list[str]) -> None:
+        try:
+            result = await self._upstream.acknowledge(batch)
+        except UpstreamError as exc:
+            done: list[str] = list(getattr(exc, "acknowledged", None) or [])
+            self._settle(done, failed=[d for d in batch if d not in set(done)])
+            self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
+            if isinstance(exc, RetryableUpstreamError):
+                self._schedule_retry(exc)
+            else:
+                assert isinstance(exc, FatalUpstreamError)
+                self._failure = exc
+                self._wakeup.set()
+        except BaseException:
+            self._settle([], failed=batch)
+            raise
+        else:
+            self._settle(batch, failed=[])
+            self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
+            if result.confirmed < result.sent:
+                # Undocumented upstream behaviour (unknown or already acknowledged ids): information only.
+                self._metrics.acknowledgements.labels("not_confirmed").inc(result.sent - result.confirmed)
+                log.info(
+                    "upstream confirmed fewer acknowledgements than sent",
+                    extra={
+                        "sent": result.sent,
+                        "confirmed": result.confirmed,
+                        "request_id": result.request_ids,
+                    },
+                )
+            self._backoff.reset()
+            self.failing_since = None
+        finally:
+            self._slots.release()
+
+    def _settle(self, done: Iterable[str], failed: list[str]) -> None:
+        for detail_no in done:
+            self._sending.discard(detail_no)
+            self._recent.add(detail_no)
+        if failed:
+            # Back to the front of the queue, so the oldest confirmations are retried first.
+            retry = dict.fromkeys(failed)
+            for detail_no in failed:
+                self._sending.discard(detail_no)
+            retry.update(self._pending)
+            self._pending = retry
+            self._wakeup.set()
+        self._changed()
+
+    def _schedule_retry(self, exc: RetryableUpstreamError) -> None:
+        hint = exc.retry_after_s if isinstance(exc, ThrottledError) else None
+        delay = self._backoff.next_delay(hint)
+        self._retry_at = max(self._retry_at, time.monotonic() + delay)
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        log.warning(
+            "acknowledgement failed; retrying without publishing again",
+            extra={"error": str(exc), "retry_in_s": round(delay, 3), "held": self.outstanding},
+        )
+
+    def _changed(self) -> None:
+        outstanding = self.outstanding
+        self._metrics.confirmed_unacknowledged.set(outstanding)
+        if outstanding:
+            self._idle.clear()
+        else:
+            self._idle.set()
+        self._on_progress()

@@ -1,0 +1,96 @@
+"""The application: builds the clients and components from settings and runs the loop with its HTTP port.
+
+Lifecycle: start the operator port → connect to the broker (the loop retries with backoff) → run the loop →
+on stop, let the loop finish its in-flight publishes and acknowledgements within the shutdown budget → close
+the broker connection and the HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+
+from bridge.errors import BridgeError
+from bridge.health import create_app
+from bridge.loop import BridgeLoop
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
+from bridge.serving import serve_in_background
+from bridge.settings import Settings
+from bridge.upstream import UpstreamClient
+
+__all__ = ["App", "upstream_http_client"]
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def upstream_http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The upstream HTTP client: enough connections for one poll and every acknowledgement at once."""
+    connections = settings.ack_concurrency + 2
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(timeout=settings.request_timeout_s, limits=limits) as client:
+        yield client
+
+
+class App:
+    """One bridge: upstream client, publisher, loop and the operator port, wired from :class:`Settings`.
+
+    ``http`` replaces the upstream HTTP client (tests pass one over ``httpx.ASGITransport``).
+    """
+
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, http: httpx.AsyncClient | None = None
+    ):
+        settings.require_credentials()
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._http = http
+        self.loop: BridgeLoop | None = None
+        self.metrics_port: int | None = None
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event, *, once: bool = False) -> bool:
+        """Run until ``stop`` (or drained, with ``once``); True when nothing confirmed is unacknowledged."""
+        settings = self.settings
+        async with AsyncExitStack() as stack:
+            http = self._http or await stack.enter_async_context(upstream_http_client(settings))
+            upstream = UpstreamClient(http, settings, metrics=self.metrics)
+            publisher = Publisher(settings, self.metrics)
+            stack.push_async_callback(publisher.close)
+            loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
+            self.metrics_port = await stack.enter_async_context(
+                serve_in_background(
+                    create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port
+                )
+            )
+            log.info(
+                "task-bridge started",
+                extra={
+                    "upstream": settings.endpoint,
+                    "broker": settings.amqp_url_masked,
+                    "exchange": settings.exchange,
+                    "metrics_port": self.metrics_port,
+                    "once": once,
+                },
+            )
+            self.started.set()
+            try:
+                return await loop.run(stop, once=once)
+            except BaseExceptionGroup as group:
+                # The loop's task group wraps a failure of the acknowledger; surface the first bridge error.
+                for exc in _leaves(group):
+                    if isinstance(exc, BridgeError):
+                        raise exc from None
+                raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found

@@ -1,0 +1,342 @@
+"""The run loop: poll page 1 → convert → publish → acknowledge what the broker confirmed → poll again.
+
+Why page 1 every time: acknowledged details vanish upstream, so asking for page 2 after acknowledging page 1
+would skip records. The loop polls again as soon as at most half a page of details is still on its way (being
+published, or confirmed and waiting for its acknowledgement), so the next page is mostly new details while the
+rest of the previous one is still in flight: the broker's confirms, not our round trips, set the pace.
+
+Every detail on a page is in one of four states, decided here in one place:
+
+- *unknown*: convert it and publish it (an event, or an invalid record to the invalid route);
+- *in flight*: its publish awaits the broker; skip it;
+- *held by the acknowledger*: confirmed, not yet acknowledged (or acknowledged after this poll began);
+  skip it, so a slow or failing acknowledgement never causes a second event;
+- *no usable TaskDetailNo*: it can never be acknowledged; log and count it once, never republish it.
+
+Retries live here: upstream errors back off exponentially with jitter (honouring throttling hints),
+publish failures back off before the next poll, a lost broker connection is re-opened with backoff while
+nothing new is published. Fatal upstream errors propagate and stop the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from bridge.acknowledger import Acknowledger
+from bridge.backoff import Backoff, jittered
+from bridge.errors import BridgeError, BrokerUnavailableError, RetryableUpstreamError, ThrottledError
+from bridge.events import Event, InvalidRecord, convert
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher, PublishOutcome
+from bridge.settings import Settings
+from bridge.upstream import Page, RawRecord, UpstreamClient
+
+__all__ = ["BridgeLoop", "DeadlineExceeded", "Progress"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_UNUSABLE_MEMORY = 10_000  # fingerprints of records without a usable TaskDetailNo, to count each only once
+
+
+class DeadlineExceeded(BridgeError):
+    """``run --once`` could not finish: the upstream or the broker stayed unavailable past the deadline."""
+
+
+class Progress:
+    """Counters of one run, for the progress display and the final summary."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.polled = 0
+        self.published = 0
+        self.invalid = 0
+        self.unusable = 0
+        self.acknowledged = 0
+        self.backlog: int | None = None
+
+
+class BridgeLoop:
+    """Moves task details from the upstream to the broker; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: UpstreamClient,
+        publisher: Publisher,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._upstream = upstream
+        self._publisher = publisher
+        self._metrics = metrics
+        self._progress_event = asyncio.Event()
+        self.acknowledger = Acknowledger(upstream, settings, metrics, on_progress=self._progress_event.set)
+        self.progress = Progress()
+        self._in_flight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unusable: OrderedDict[str, None] = OrderedDict()
+        self._publish_failures = 0
+        self._publish_acks = 0
+        self._upstream_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._broker_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._upstream_down_since: float | None = None
+        self._broker_down_since: float | None = None
+        self.last_poll_ok: float | None = None  # monotonic time of the last successful poll
+
+    # --- readiness ---
+    def ready(self) -> bool:
+        """Broker connection open and a poll succeeded within ``ready_max_poll_age_s``."""
+        last = self.last_poll_ok
+        return (
+            self._publisher.connected
+            and last is not None
+            and time.monotonic() - last <= self._settings.ready_max_poll_age_s
+        )
+
+    @property
+    def outstanding(self) -> int:
+        """Details on their way: publishes in flight plus confirmed ones not yet acknowledged."""
+        return len(self._in_flight) + self.acknowledger.outstanding
+
+    # --- the loop ---
+    async def run(self, stop: asyncio.Event, *, once: bool = False) -> bool:
+        """Run until ``stop`` is set (or, with ``once``, until the backlog is drained).
+
+        Returns True when everything confirmed was acknowledged before returning; raises
+        :class:`FatalUpstreamError`, :class:`BrokerError` or :class:`DeadlineExceeded` when it cannot go on.
+        """
+        async with asyncio.TaskGroup() as group:
+            ack_task = group.create_task(self.acknowledger.run())
+            # A drained --once run may keep retrying acknowledgements until its deadline; a stop request or
+            # an error gets the shutdown budget.
+            budget = self._settings.shutdown_timeout_s
+            try:
+                await self._poll_loop(stop, once)
+                if once and not stop.is_set():
+                    budget = self._settings.once_deadline_s
+            finally:
+                complete = await self._finish(budget, ack_task)
+                ack_task.cancel()
+        return complete
+
+    async def _poll_loop(self, stop: asyncio.Event, once: bool) -> None:
+        page_size = self._settings.page_size
+        while not stop.is_set():
+            if not self._publisher.connected:
+                await self._reconnect(stop, once)
+                continue
+            await self._pause_after_publish_failures(stop, once)
+            if stop.is_set():
+                break
+            # Poll when at most half a page is still on its way, so the next page is mostly new details.
+            while self.outstanding > page_size // 2 and not stop.is_set():
+                await self._wait_progress(stop, self._settings.poll_interval_s)
+            self.acknowledger.poll_started()
+            page = await self._until_stopped(stop, self._poll(once))
+            if page is None:
+                continue
+            new, known = self._dispatch(page)
+            full = len(page.records) >= page_size
+            if full and new:
+                continue  # more backlog behind this page
+            if new == 0 and known == 0:
+                # Nothing on the page that this bridge can still process.
+                if once:
+                    log.info("backlog drained")
+                    return
+                await self._sleep(stop, jittered(self._settings.poll_interval_s))
+            elif full or not self.outstanding:
+                # Everything on the page is on its way: poll again once some of it has settled.
+                if self.outstanding:
+                    await self._wait_progress(stop, self._settings.poll_interval_s)
+            elif once:
+                # The backlog ends on this page: poll again (to confirm it is drained) once all of it settled.
+                while self.outstanding and not stop.is_set():
+                    await self._wait_progress(stop, self._settings.poll_interval_s)
+            else:
+                await self._sleep(stop, jittered(self._settings.poll_interval_s))
+
+    async def _poll(self, once: bool) -> Page | None:
+        try:
+            page = await self._upstream.poll()
+        except RetryableUpstreamError as exc:
+            self._metrics.polls.labels("error").inc()
+            now = time.monotonic()
+            self._upstream_down_since = self._upstream_down_since or now
+            self._check_deadline(once, self._upstream_down_since, f"upstream unavailable: {exc}")
+            hint = exc.retry_after_s if isinstance(exc, ThrottledError) else None
+            delay = self._upstream_backoff.next_delay(hint)
+            log.warning(
+                "poll failed; retrying",
+                extra={"error": str(exc), "retry_in_s": round(delay, 3), "request_id": exc.request_id},
+            )
+            await asyncio.sleep(delay)
+            return None
+        except BaseException:
+            self._metrics.polls.labels("error").inc()
+            raise
+        self._metrics.polls.labels("ok").inc()
+        self._metrics.details_received.inc(len(page.records))
+        self._metrics.last_successful_poll.set(time.time())
+        self.last_poll_ok = time.monotonic()
+        self._upstream_down_since = None
+        self._upstream_backoff.reset()
+        self.progress.polled += len(page.records)
+        if page.total_items is not None:
+            self.progress.backlog = page.total_items
+        return page
+
+    def _dispatch(self, page: Page) -> tuple[int, int]:
+        """Start a publish for every unknown detail of ``page``; return (started, skipped as known)."""
+        started = known = 0
+        source = self._settings.event_source
+        for record in page.records:
+            detail_no = record.detail_no
+            if detail_no is None:
+                self._unusable_record(record)
+                continue
+            if detail_no in self._in_flight or self.acknowledger.holds(detail_no):
+                known += 1
+                continue
+            item = convert(record, source=source)
+            self._in_flight.add(detail_no)
+            task = asyncio.create_task(self._publish(detail_no, item))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started, known
+
+    async def _publish(self, detail_no: str, item: Event | InvalidRecord) -> None:
+        invalid = isinstance(item, InvalidRecord)
+        try:
+            outcome = await self._publisher.publish(item, invalid=invalid)
+        except Exception:
+            log.exception("unexpected error while publishing", extra={"detail_no": detail_no})
+            outcome = PublishOutcome.CLOSED
+        if outcome is PublishOutcome.ACK:
+            self.acknowledger.add(detail_no)
+            self._publish_acks += 1
+            if invalid:
+                self.progress.invalid += 1
+                self._metrics.invalid_records.labels("validation").inc()
+                log.warning(
+                    "invalid record published to the invalid route",
+                    extra={"detail_no": detail_no, "error": item.error if invalid else ""},  # type: ignore[union-attr]
+                )
+            else:
+                self.progress.published += 1
+        else:
+            self._publish_failures += 1
+            log.warning("publish not confirmed", extra={"detail_no": detail_no, "outcome": outcome.value})
+        self._in_flight.discard(detail_no)
+        self._progress_event.set()
+
+    def _unusable_record(self, record: RawRecord) -> None:
+        text = json.dumps(record.raw, sort_keys=True, ensure_ascii=False, default=str)
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()
+        if fingerprint in self._unusable:
+            self._unusable.move_to_end(fingerprint)
+            return
+        self._unusable[fingerprint] = None
+        if len(self._unusable) > _UNUSABLE_MEMORY:
+            self._unusable.popitem(last=False)
+        self.progress.unusable += 1
+        self._metrics.invalid_records.labels("no_detail_no").inc()
+        log.error(
+            "record without a usable TaskDetailNo cannot be acknowledged; left upstream",
+            extra={"record": text[:1000]},
+        )
+
+    async def _pause_after_publish_failures(self, stop: asyncio.Event, once: bool) -> None:
+        failures, self._publish_failures = self._publish_failures, 0
+        acks, self._publish_acks = self._publish_acks, 0
+        if not failures:
+            if acks:
+                self._broker_backoff.reset()
+                self._broker_down_since = None
+            return
+        self._broker_down_since = self._broker_down_since or time.monotonic()
+        self._check_deadline(once, self._broker_down_since, "broker refuses publishes")
+        delay = self._broker_backoff.next_delay()
+        log.warning(
+            "publishes were not confirmed; they will be published again",
+            extra={"failed": failures, "retry_in_s": round(delay, 3)},
+        )
+        await self._sleep(stop, delay)
+
+    async def _reconnect(self, stop: asyncio.Event, once: bool) -> None:
+        self._broker_down_since = self._broker_down_since or time.monotonic()
+        try:
+            await self._publisher.connect()
+        except BrokerUnavailableError as exc:
+            self._check_deadline(once, self._broker_down_since, str(exc))
+            delay = self._broker_backoff.next_delay()
+            log.warning(
+                "broker unavailable; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 3)}
+            )
+            await self._sleep(stop, delay)
+            return
+        self._broker_backoff.reset()
+
+    def _check_deadline(self, once: bool, since: float, reason: str) -> None:
+        if once and time.monotonic() - since > self._settings.once_deadline_s:
+            raise DeadlineExceeded(f"gave up after {self._settings.once_deadline_s:g}s: {reason}")
+
+    async def _finish(self, budget_s: float, ack_task: asyncio.Task[None]) -> bool:
+        """Wait for publishes in flight, then for their acknowledgements, within ``budget_s``."""
+        deadline = time.monotonic() + budget_s
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=budget_s)
+        remaining = max(0.0, deadline - time.monotonic())
+        if ack_task.done():
+            complete = self.acknowledger.outstanding == 0
+        else:
+            complete = await self._until_done(ack_task, self.acknowledger.drain(remaining))
+        if not complete:
+            log.error(
+                "stopping with confirmed details not acknowledged upstream; they will be delivered again",
+                extra={"unacknowledged": self.acknowledger.outstanding, "in_flight": len(self._in_flight)},
+            )
+        return complete
+
+    async def _until_done(self, ack_task: asyncio.Task[None], drain: Awaitable[bool]) -> bool:
+        # Stop waiting for the drain when the acknowledger itself died (a fatal error).
+        drain_task = asyncio.ensure_future(drain)
+        await asyncio.wait([drain_task, ack_task], return_when=asyncio.FIRST_COMPLETED)
+        if drain_task.done():
+            return drain_task.result()
+        drain_task.cancel()
+        return False
+
+    # --- waiting helpers ---
+    async def _wait_progress(self, stop: asyncio.Event, timeout_s: float) -> None:
+        self._progress_event.clear()
+        await self._until_stopped(stop, self._progress_event.wait(), timeout_s)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        await self._until_stopped(stop, asyncio.sleep(seconds))
+
+    @staticmethod
+    async def _until_stopped(
+        stop: asyncio.Event, work: Awaitable[T], timeout_s: float | None = None
+    ) -> T | None:
+        """``await work``, abandoning it (None) when ``stop`` is set or ``timeout_s`` passes first."""
+        work_task: asyncio.Future[T] = asyncio.ensure_future(work)
+        stop_task = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([work_task, stop_task], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_task.cancel()
+        if work_task.done():
+            return work_task.result()
+        work_task.cancel()
+        return None

@@ -1,0 +1,181 @@
+"""The publisher: one broker connection, one confirm channel, a bounded window of publishes in flight.
+
+:meth:`Publisher.publish` never raises for a per-message failure: it returns one of five outcomes, and
+only ``ACK`` (the broker's ``Basic.Ack``) means the event is stored. A nack, a return, a timeout and a closed
+channel are counted apart and acknowledge nothing upstream: the detail comes back on a later poll and is
+published again with the same ``message_id``.
+
+Reconnection is the run loop's job (with backoff); the publisher only reports, through :attr:`connected`,
+that its connection is gone. ``connect_robust`` is not used on purpose: it reconnects on a fixed interval
+with no backoff and hides the outage from the readiness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+from typing import Any, Protocol
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
+
+from bridge.errors import BrokerError, BrokerUnavailableError
+from bridge.metrics import Metrics
+from bridge.settings import Settings
+from bridge.topology import Exchanges, declare
+
+__all__ = ["PublishOutcome", "Publishable", "Publisher"]
+
+log = logging.getLogger(__name__)
+
+
+class PublishOutcome(StrEnum):
+    """What the broker said about one publish. Only ``ACK`` lets the detail be acknowledged upstream."""
+
+    ACK = "ack"
+    NACK = "nack"
+    RETURNED = "returned"
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+
+
+class Publishable(Protocol):
+    """An event or an invalid record, as built by :mod:`bridge.events`."""
+
+    @property
+    def message_id(self) -> str: ...
+
+    @property
+    def routing_key(self) -> str: ...
+
+    def message(self) -> aio_pika.Message: ...
+
+
+class Publisher:
+    """Publishes events to the topic exchange and invalid records to the invalid exchange, with confirms."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._window = asyncio.Semaphore(settings.max_in_flight)
+        self._in_flight = 0
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: Exchanges | None = None
+        self._invalid_types: tuple[type, ...] = ()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
+
+    @property
+    def connected(self) -> bool:
+        return not self._disconnected.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    async def connect(self) -> None:
+        """Open the connection and confirm channel and declare the topology; raise :class:`BrokerError`."""
+        await self.close()
+        url = self._settings.amqp_url.get_secret_value()
+        try:
+            connection = await aio_pika.connect(url, timeout=self._settings.publish_timeout_s)
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerUnavailableError(
+                f"cannot connect to {self._settings.amqp_url_masked}: {_describe(exc)}"
+            ) from None
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
+            exchanges = await declare(channel, self._settings.exchange)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            await connection.close()
+            raise BrokerError(
+                f"topology of {self._settings.exchange!r} differs from what the broker has: {_describe(exc)}"
+            ) from None
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            await connection.close()
+            raise BrokerUnavailableError(f"broker setup failed: {_describe(exc)}") from None
+        self._connection, self._channel, self._exchanges = connection, channel, exchanges
+        connection.close_callbacks.add(self._on_close)
+        channel.close_callbacks.add(self._on_close)
+        self._disconnected.clear()
+        self._metrics.broker_connected.set(1)
+        log.info("broker connected", extra={"broker": self._settings.amqp_url_masked})
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if not self._disconnected.is_set():
+            log.warning("broker connection lost", extra={"reason": _describe(exc) if exc else "closed"})
+        self._disconnected.set()
+        self._metrics.broker_connected.set(0)
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel, self._exchanges = self._connection, None, None, None
+        self._disconnected.set()
+        self._metrics.broker_connected.set(0)
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except Exception as exc:  # closing a broken connection must not mask the original failure
+                log.debug("error while closing the broker connection", extra={"reason": _describe(exc)})
+
+    async def publish(self, item: Publishable, *, invalid: bool = False) -> PublishOutcome:
+        """Publish ``item`` (to the invalid exchange when ``invalid``) and wait for the broker's answer.
+
+        Waits for a place in the in-flight window first, so callers are paced by the broker's confirms.
+        """
+        async with self._window:
+            self._in_flight += 1
+            self._metrics.in_flight.inc()
+            started = time.perf_counter()
+            try:
+                outcome = await self._publish(item, invalid)
+            finally:
+                self._in_flight -= 1
+                self._metrics.in_flight.dec()
+        if outcome is PublishOutcome.ACK:
+            self._metrics.confirm_latency.observe(time.perf_counter() - started)
+        self._metrics.events_published.labels(outcome.value).inc()
+        return outcome
+
+    async def _publish(self, item: Publishable, invalid: bool) -> PublishOutcome:
+        exchanges = self._exchanges
+        if exchanges is None or not self.connected:
+            return PublishOutcome.CLOSED
+        exchange = exchanges.invalid if invalid else exchanges.events
+        try:
+            confirmation = await exchange.publish(
+                item.message(),
+                routing_key=item.routing_key,
+                mandatory=True,
+                timeout=self._settings.publish_timeout_s,
+            )
+        except aiormq.exceptions.DeliveryError:
+            return PublishOutcome.NACK
+        except aiormq.exceptions.PublishError:
+            return PublishOutcome.RETURNED
+        except TimeoutError:
+            return PublishOutcome.TIMEOUT
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+            log.debug("publish failed on a closed channel", extra={"reason": _describe(exc)})
+            return PublishOutcome.CLOSED
+        if isinstance(confirmation, Basic.Ack):
+            return PublishOutcome.ACK
+        if isinstance(confirmation, Basic.Nack | Basic.Reject):
+            return PublishOutcome.NACK
+        # With on_return_raises=False an unroutable message comes back as the returned message itself.
+        return PublishOutcome.RETURNED
+
+
+def _describe(exc: BaseException | None) -> str:
+    """A one-line description of a broker error that never includes the AMQP URL's password."""
+    if exc is None:
+        return "unknown"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
