@@ -128,9 +128,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=20.0, gt=0, le=600, validation_alias=AliasChoices("BRIDGE_SHUTDOWN_TIMEOUT_SECONDS")
     )
-    once_deadline_s: float = Field(
-        default=300.0, gt=0, validation_alias=AliasChoices("BRIDGE_ONCE_DEADLINE_SECONDS")
-    )
+    once_deadline_s: float = Field(default=300.0, gt=0, validation_alias=AliasChoices("BRIDGE_ONCE_DEADLINE_SECONDS"))
 
     # --- observability ---
     metrics_host: str = "0.0.0.0"
@@ -150,6 +148,25 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _SecretFilesSource(settings_cls), dotenv_settings)
+
+    @field_validator(
+        "access_key_id",
+        "access_key_secret",
+        "security_token",
+        "upstream_endpoint",
+        "task_result_status",
+        "domain_name",
+        "instance_id",
+        "task_no",
+        "user_client_ip",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `NAME=` in an env file or a compose file means "not set", not "set to the empty string".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

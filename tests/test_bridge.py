@@ -1,0 +1,226 @@
+"""The bridge end to end: the real RabbitMQ, the project's simulator, and what each side saw.
+
+Every test asserts on what the simulator recorded as acknowledged and on what reached the queues: an
+acknowledged detail without an event would be a lost task result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import aio_pika
+import httpx
+import pytest
+
+from bridge.app import App
+from bridge.errors import FatalUpstreamError
+from bridge.events import EVENT_TYPE, routing_key
+from bridge.loop import DeadlineExceeded
+from bridge.metrics import Metrics
+from bridge.simulator import Faults, Simulator, running
+from tests.harness import Broker, body, bridge_settings, broker_view, eventually, run_once, running_bridge
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+async def broker(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
+    async with broker_view(broker_url, exchange_name) as view:
+        yield view
+
+
+def assert_one_event_per_acknowledged(sim: Simulator, ids: list[str]) -> None:
+    """Nothing lost (every acknowledged detail has an event), nothing unacknowledged, no duplicates."""
+    counts = Counter(ids)
+    acknowledged = set(sim.ack_counts)
+    assert acknowledged - set(counts) == set(), "acknowledged upstream without an event"
+    assert set(counts) - acknowledged == set(), "event published but detail never acknowledged"
+    assert [i for i, n in counts.items() if n > 1] == []
+
+
+async def test_drains_thousands_with_exactly_one_correct_event_each(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=3000, seed=11)
+    queue = await broker.bind("all")
+    metrics = Metrics()
+    settings = bridge_settings(broker.exchange, broker_url, page_size=500, max_in_flight=128)
+
+    assert await run_once(settings, sim, metrics)
+
+    assert sim.pending_count == 0
+    assert sim.acknowledged_count == 3000
+    messages = await broker.take(queue.name)
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in messages])
+    assert set(sim.ack_counts.values()) == {1}
+    for message in messages:
+        detail = sim.detail(str(message.message_id))
+        assert detail is not None
+        assert message.routing_key == routing_key(detail["TaskType"], detail["TaskStatus"])
+        assert message.delivery_mode == 2  # persistent
+        assert message.content_type == "application/cloudevents+json"
+        assert message.type == EVENT_TYPE
+        event = body(message)
+        assert event["id"] == message.message_id == detail["TaskDetailNo"]
+        assert event["subject"] == detail["DomainName"]
+        assert event["data"] == detail
+    assert await broker.take(broker.unrouted) == []
+    assert metrics.events_published.labels("ack")._value.get() == 3000
+    assert metrics.confirmed_unacknowledged._value.get() == 0
+
+
+async def test_unroutable_events_are_kept_in_the_unrouted_queue(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=200, seed=2)
+    assert await run_once(bridge_settings(broker.exchange, broker_url), sim)
+
+    kept = await broker.take(broker.unrouted)
+    assert sim.pending_count == 0
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in kept])
+
+
+async def test_invalid_records_go_to_the_invalid_queue_and_are_acknowledged(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=400, seed=3, faults=Faults(malformed_ratio=0.1))
+    sim.add_raw({"TaskType": "CHG_DNS", "TaskStatus": "EXECUTE_SUCCESS"})  # no TaskDetailNo: cannot be acknowledged
+    queue = await broker.bind("all")
+    metrics = Metrics()
+
+    assert await run_once(bridge_settings(broker.exchange, broker_url, page_size=100), sim, metrics)
+
+    assert len(sim.malformed_ids) > 10
+    invalid = await broker.take(broker.invalid)
+    assert {str(m.message_id) for m in invalid} == sim.malformed_ids
+    for message in invalid:
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == 2
+        assert isinstance(message.headers.get("x-validation-error"), str)
+        assert json.loads(message.body) == sim.detail(str(message.message_id))
+    valid = await broker.take(queue.name)
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in valid + invalid])
+    assert sim.pending_count == 1  # only the record without an id stays upstream
+    # Counted once, although every poll brought it back.
+    assert metrics.invalid_records.labels("no_detail_no")._value.get() == 1
+    assert metrics.invalid_records.labels("validation")._value.get() == len(sim.malformed_ids)
+
+
+async def test_broker_nack_acknowledges_nothing_and_the_detail_is_delivered_later(
+    broker: Broker, broker_url: str
+) -> None:
+    sim = Simulator(tasks=20, seed=4)
+    full = await broker.bind("full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    await broker.channel.default_exchange.publish(aio_pika.Message(b"filler"), routing_key=full.name)
+    metrics_nacks = 0
+    settings = bridge_settings(broker.exchange, broker_url)
+    async with running_bridge(settings, sim) as (app, _stop):
+        await eventually(lambda: app.metrics.events_published.labels("nack")._value.get() >= 20, what="nacks")
+        await asyncio.sleep(0.3)
+        assert sim.acknowledged_count == 0
+        metrics_nacks = int(app.metrics.events_published.labels("nack")._value.get())
+        queue = await broker.bind("all")
+        await full.delete(if_unused=False, if_empty=False)
+        broker.queues.pop(full.name)
+        await eventually(lambda: sim.pending_count == 0, what="all acknowledged after the queue was removed")
+    assert metrics_nacks >= 20
+    messages = await broker.take(queue.name)
+    ids = {str(m.message_id) for m in messages}
+    assert set(sim.ack_counts) == ids  # every acknowledged detail has its event
+
+
+async def test_upstream_errors_are_retried_with_nothing_lost(broker: Broker, broker_url: str) -> None:
+    faults = Faults(unavailable_ratio=0.1, throttling_ratio=0.1, internal_error_ratio=0.1, latency_s=0.005)
+    sim = Simulator(tasks=1500, seed=5, faults=faults)
+    queue = await broker.bind("all")
+    metrics = Metrics()
+
+    assert await run_once(bridge_settings(broker.exchange, broker_url, page_size=250), sim, metrics)
+
+    assert sim.pending_count == 0
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in await broker.take(queue.name)])
+    errors = {
+        o: metrics.upstream_requests.labels(a, o)._value.get()
+        for a in ("PollTaskResult",)
+        for o in ("throttled", "retryable_error")
+    }
+    assert errors["throttled"] > 0 and errors["retryable_error"] > 0
+
+
+async def test_hanging_upstream_requests_time_out_and_are_retried(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=600, seed=6, faults=Faults(hang_ratio=0.15, hang_s=3.0))
+    queue = await broker.bind("all")
+    async with running(sim) as url:
+        settings = bridge_settings(
+            broker.exchange, broker_url, upstream_endpoint=url, request_timeout_s=0.3, page_size=100
+        )
+        async with httpx.AsyncClient(timeout=0.3) as http:
+            assert await App(settings, http=http).run(asyncio.Event(), once=True)
+    assert sim.pending_count == 0
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert_one_event_per_acknowledged(sim, ids)
+
+
+async def test_failing_acknowledgements_cause_no_second_event(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=300, seed=7, faults=Faults(ack_failure_ratio=1.0))
+    queue = await broker.bind("all")
+    settings = bridge_settings(broker.exchange, broker_url, page_size=100)
+    async with running_bridge(settings, sim) as (app, _stop):
+        await eventually(lambda: app.metrics.acknowledgements.labels("failed")._value.get() >= 300, what="ack failures")
+        await asyncio.sleep(0.5)  # several more polls bring the same details back
+        assert sim.acknowledged_count == 0
+        assert app.metrics.events_published.labels("ack")._value.get() == 300
+        sim.faults.ack_failure_ratio = 0.0
+        await eventually(lambda: sim.pending_count == 0, what="acknowledged once the upstream recovered")
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert len(ids) == 300
+    assert_one_event_per_acknowledged(sim, ids)
+
+
+async def test_new_detail_is_published_within_the_poll_interval(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=5, seed=8)
+    queue = await broker.bind("all")
+    settings = bridge_settings(broker.exchange, broker_url, poll_interval_s=1.0)
+    async with running_bridge(settings, sim):
+        await broker.wait_for(queue.name, 5)
+        await eventually(lambda: sim.pending_count == 0, what="initial drain")
+        await asyncio.sleep(0.3)
+        (new_id,) = sim.add_details(1)
+        appeared = time.monotonic()
+        (message,) = await broker.wait_for(queue.name, 1, timeout_s=5)
+        latency = time.monotonic() - appeared
+    assert message.message_id == new_id
+    assert latency <= settings.poll_interval_s * 1.1 + 1.0
+
+
+async def test_wrong_secret_stops_with_a_fatal_error(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=3, seed=9)
+    settings = bridge_settings(broker.exchange, broker_url, access_key_secret="not-the-secret")
+    with pytest.raises(FatalUpstreamError) as caught:
+        await run_once(settings, sim)
+    assert caught.value.code == "SignatureDoesNotMatch"
+    assert "not-the-secret" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert sim.acknowledged_count == 0
+
+
+async def test_once_gives_up_when_the_broker_stays_unavailable(exchange_name: str) -> None:
+    sim = Simulator(tasks=3, seed=10)
+    settings = bridge_settings(exchange_name, "amqp://guest:guest@127.0.0.1:1/", once_deadline_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await run_once(settings, sim)
+    assert time.monotonic() - started < 10
+    assert sim.acknowledged_count == 0
+
+
+async def test_operator_port_reports_health_readiness_and_metrics(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=50, seed=12)
+    settings = bridge_settings(broker.exchange, broker_url)
+    async with running_bridge(settings, sim) as (app, _stop), httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{app.metrics_port}"
+        assert (await http.get(f"{base}/healthz")).status_code == 200
+        await eventually(lambda: sim.pending_count == 0, what="drain")
+        assert (await http.get(f"{base}/readyz")).status_code == 200
+        text = (await http.get(f"{base}/metrics")).text
+        assert 'bridge_events_published_total{outcome="ack"} 50.0' in text
+        assert "bridge_broker_connected 1.0" in text
+        assert settings.amqp_url.get_secret_value() not in text

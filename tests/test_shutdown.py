@@ -1,0 +1,85 @@
+"""``task-bridge run`` as a process: signals mid-batch, exit codes, and what each side saw afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from bridge.simulator import Faults, Simulator, running
+from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view, eventually
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+async def broker(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
+    async with broker_view(broker_url, exchange_name) as view:
+        yield view
+
+
+async def _start(
+    env: dict[str, str], *args: str
+) -> tuple[asyncio.subprocess.Process, tempfile._TemporaryFileWrapper[bytes]]:
+    log = tempfile.NamedTemporaryFile(prefix="bridge-", suffix=".log")  # a file: a full pipe would block the bridge
+    process = await asyncio.create_subprocess_exec(*BRIDGE_COMMAND, *args, env=env, stdout=log, stderr=log)
+    return process, log
+
+
+async def test_sigterm_mid_batch_exits_in_time_with_nothing_confirmed_left_unacknowledged(
+    broker: Broker, broker_url: str
+) -> None:
+    sim = Simulator(tasks=4000, seed=21, faults=Faults(latency_s=0.01))
+    queue = await broker.bind("all")
+    async with running(sim) as url:
+        settings = bridge_settings(broker.exchange, broker_url, upstream_endpoint=url, page_size=200)
+        process, log = await _start(bridge_env(settings), "run")
+        with log:
+            await eventually(lambda: sim.acknowledged_count >= 400, timeout_s=30, what="drain under way")
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = await asyncio.wait_for(process.wait(), settings.shutdown_timeout_s + 5)
+            elapsed = time.monotonic() - signalled
+            output = open(log.name, encoding="utf-8").read()
+    assert code == EXIT_OK, output[-2000:]
+    assert elapsed < settings.shutdown_timeout_s
+    assert 0 < sim.pending_count < 4000 - 400, "the signal should land mid-drain"
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert len(ids) == len(set(ids))
+    # Nothing acknowledged without a confirmed event, and nothing confirmed left unacknowledged.
+    assert set(sim.ack_counts) == set(ids)
+
+
+async def test_second_signal_exits_at_once(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=100, seed=22, faults=Faults(hang_ratio=1.0, hang_s=60))
+    async with running(sim) as url:
+        settings = bridge_settings(broker.exchange, broker_url, upstream_endpoint=url, request_timeout_s=60)
+        process, log = await _start(bridge_env(settings), "run")
+        with log:
+            await eventually(lambda: "task-bridge started" in open(log.name).read(), timeout_s=20, what="start")
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(process.wait(), 5)
+    assert code in (EXIT_OK, EXIT_INTERRUPTED)
+    assert sim.acknowledged_count == 0
+
+
+async def test_bad_settings_stop_at_start_with_one_line_each(broker_url: str, exchange_name: str) -> None:
+    env = bridge_env(bridge_settings(exchange_name, broker_url))
+    env.update({"BRIDGE_PAGE_SIZE": "5000", "BRIDGE_AMQP_URL": "http://x:pw@h"})
+    process = await asyncio.create_subprocess_exec(
+        *BRIDGE_COMMAND, "run", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _out, err = await asyncio.wait_for(process.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == EXIT_USAGE
+    assert any("BRIDGE_PAGE_SIZE" in line and "5000" in line for line in lines)
+    assert any("BRIDGE_AMQP_URL" in line for line in lines)
+    assert "Traceback" not in err.decode()
+    assert "pw" not in err.decode()
