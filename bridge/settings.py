@@ -168,6 +168,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("task_result_status", mode="before")
+    @classmethod
+    def _status_from_text(cls, value: object) -> object:
+        # Environment values are text; the Literal[2, 3] would not accept "2" without this.
+        if isinstance(value, str) and value.strip() in ("2", "3"):
+            return int(value)
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
