@@ -34,12 +34,14 @@ class Acknowledger:
         metrics: Metrics,
         *,
         on_progress: Callable[[], None] = lambda: None,
+        on_acknowledged: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._upstream = upstream
         self._batch_size = settings.ack_batch_size
         self._slots = asyncio.Semaphore(settings.ack_concurrency)
         self._metrics = metrics
         self._on_progress = on_progress
+        self._on_acknowledged = on_acknowledged
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._pending: dict[str, None] = {}  # confirmed, waiting for a request (insertion-ordered)
         self._sending: set[str] = set()  # in a request under way
@@ -136,6 +138,7 @@ class Acknowledger:
             raise
         else:
             self._settle(batch, failed=[])
+            self._on_acknowledged(len(batch))
             self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
             if result.confirmed < result.sent:
                 # Undocumented upstream behaviour (unknown or already acknowledged ids): information only.

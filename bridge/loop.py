@@ -79,7 +79,13 @@ class BridgeLoop:
         self._publisher = publisher
         self._metrics = metrics
         self._progress_event = asyncio.Event()
-        self.acknowledger = Acknowledger(upstream, settings, metrics, on_progress=self._progress_event.set)
+        self.acknowledger = Acknowledger(
+            upstream,
+            settings,
+            metrics,
+            on_progress=self._progress_event.set,
+            on_acknowledged=self._count_acknowledged,
+        )
         self.progress = Progress()
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,6 +107,9 @@ class BridgeLoop:
             and last is not None
             and time.monotonic() - last <= self._settings.ready_max_poll_age_s
         )
+
+    def _count_acknowledged(self, count: int) -> None:
+        self.progress.acknowledged += count
 
     @property
     def outstanding(self) -> int:
