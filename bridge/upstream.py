@@ -50,13 +50,9 @@ _DETAIL_NO = "TaskDetailNo"
 _DETAIL_NO_LOWER = _DETAIL_NO.lower()
 _MISSING: Any = object()
 _SNIPPET_CHARS = 200
-_XML_FIELD = {
-    name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("Code", "Message", "RequestId")
-}
+_XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("Code", "Message", "RequestId")}
 # The token's value inside an echoed V1 string to sign (any level of encoding) or V3 canonical request.
-_TOKEN_IN_ECHO = re.compile(
-    r"(SecurityToken(?:=|%3D|%253D)|x-acs-security-token:)(.*?)(?=&|%26|\s|\\n|$)", re.I
-)
+_TOKEN_IN_ECHO = re.compile(r"(SecurityToken(?:=|%3D|%253D)|x-acs-security-token:)(.*?)(?=&|%26|\s|\\n|$)", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,9 +247,7 @@ class UpstreamClient:
         try:
             # httpx's timeout bounds each phase (and ASGITransport ignores it): this bounds the whole call.
             async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(
-                    self._url, params=query, auth=self._auth, timeout=self._timeout
-                )
+                response = await self._http.post(self._url, params=query, auth=self._auth, timeout=self._timeout)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise RetryableUpstreamError(f"timed out after {self._timeout_s:g}s", action=action) from exc
         except httpx.TransportError as exc:
