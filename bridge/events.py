@@ -71,6 +71,7 @@ __all__ = [
     "InvalidRecord",
     "convert",
     "event_json_schema",
+    "main",
     "routing_key",
     "schema_text",
 ]
@@ -506,7 +507,8 @@ def event_json_schema() -> dict[str, Any]:
     }
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bridge.events``: print the event schema, or write it with ``--write-contract [DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m bridge.events", description="Event contract tools.")
     parser.add_argument(
         "--write-contract",
@@ -532,4 +534,4 @@ def schema_text() -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())
