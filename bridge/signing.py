@@ -175,7 +175,8 @@ class SignatureV3Auth(_SigningAuth):
         request.headers["x-acs-signature-nonce"] = self._nonce()
         body_sha256 = hashlib.sha256(request.content).hexdigest()
         request.headers["x-acs-content-sha256"] = body_sha256
-        request.headers.setdefault("accept", "application/json")
+        # V3 has no Format parameter: the gateway answers XML unless the client asks for JSON.
+        request.headers["accept"] = "application/json"
         if creds.security_token is not None:
             request.headers["x-acs-security-token"] = creds.security_token.get_secret_value()
         request.url = request.url.copy_with(query=canonical_query(query).encode("ascii") or None)
