@@ -1,0 +1,712 @@
+"""The shipping files agree with the code: setting names, ports, probes, topology, metric names, alert rules.
+
+No Docker engine runs here, so the Dockerfile, compose file and manifests are parsed and checked against
+``bridge.settings``, ``bridge.metrics`` and ``bridge.topology``; ``promtool`` checks and unit-tests the alert rules
+(it fails under ``CI=true`` when promtool is missing, and skips elsewhere).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fnmatch
+import hashlib
+import http.server
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+from pydantic import AliasChoices
+
+from bridge.metrics import Metrics
+from bridge.settings import SECRET_FIELDS, Settings, env_name, load_settings
+from bridge.topology import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+DEFAULTS = Settings.model_fields
+METRICS_PORT: int = DEFAULTS["metrics_port"].default
+SHUTDOWN_TIMEOUT_S: float = DEFAULTS["shutdown_timeout_s"].default
+
+
+# --- helpers ---
+
+
+def _env_names() -> dict[str, str]:
+    """Every environment variable the settings read, mapped to its field (``<VAR>_FILE`` for secrets too)."""
+    names: dict[str, str] = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            choices = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
+        elif isinstance(alias, str):
+            choices = [alias]
+        else:
+            choices = [f"BRIDGE_{field.upper()}"]
+        assert choices, field
+        for name in choices:
+            names[name] = field
+    for field in SECRET_FIELDS:
+        names[f"{env_name(field)}_FILE"] = field
+    return names
+
+
+ENV_NAMES = _env_names()
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No setting from the test's own environment or a stray ``.env`` leaks into ``load_settings``."""
+    for var in list(os.environ):
+        if var.startswith(("BRIDGE_", "ALIBABA_CLOUD_")):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = _yaml(ROOT / "docker-compose.yml")
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]  # type: ignore[no-any-return]
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _host_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of a compose service: container path -> host path (relative to the repository root)."""
+    mounts: dict[str, str] = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            source, target = volume["source"], volume["target"]
+        else:
+            source, target = volume.split(":")[:2]
+        mounts[target] = source
+    return mounts
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool is not installed (Debian: apt-get install prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+# --- docker-compose.yml ---
+
+
+def test_compose_has_the_demo_services(services: dict[str, Any]) -> None:
+    assert set(services) == {"rabbitmq", "simulator", "bridge", "prometheus", "grafana"}
+    # The simulator and the bridge run the same image, built from deploy/Dockerfile with the repo as context.
+    for name in ("simulator", "bridge"):
+        build = services[name]["build"]
+        assert (ROOT / build["context"]).resolve() == ROOT
+        assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    assert services["simulator"]["image"] == services["bridge"]["image"]
+    assert services["rabbitmq"]["image"].startswith(("rabbitmq:3.13-management", "rabbitmq:3.12-management"))
+    assert services["prometheus"]["image"].startswith("prom/prometheus")
+    assert services["grafana"]["image"].startswith("grafana/grafana")
+
+
+def test_every_bind_mounted_file_exists(services: dict[str, Any]) -> None:
+    mounts = [(name, source) for name, svc in services.items() for source in _host_volumes(svc).values()]
+    assert mounts
+    for name, source in mounts:
+        assert source.startswith("./"), f"{name}: {source} is not a bind mount of a repository path"
+        assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_rabbitmq_loads_the_definitions_and_has_a_health_check(services: dict[str, Any]) -> None:
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+    assert {"5672:5672", "15672:15672"} <= {str(p) for p in rabbitmq["ports"]}
+    mounts = _host_volumes(rabbitmq)
+    conf_targets = [t for t, s in mounts.items() if s.endswith("deploy/rabbitmq/rabbitmq.conf")]
+    assert len(conf_targets) == 1
+    # The official image reads /etc/rabbitmq/rabbitmq.conf and then every conf.d/*.conf.
+    assert re.fullmatch(r"/etc/rabbitmq/(rabbitmq\.conf|conf\.d/[\w.-]+\.conf)", conf_targets[0])
+    conf = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text(encoding="utf-8")
+    loaded = re.findall(r"^\s*(?:management\.)?load_definitions\s*=\s*(\S+)\s*$", conf, re.MULTILINE)
+    assert len(loaded) == 1
+    assert mounts[loaded[0]] == "./deploy/rabbitmq/definitions.json"
+
+
+def test_bridge_waits_for_a_healthy_broker_and_the_simulator(services: dict[str, Any]) -> None:
+    depends_on = services["bridge"]["depends_on"]
+    assert depends_on["rabbitmq"]["condition"] == "service_healthy"
+    assert depends_on["simulator"]["condition"] in {"service_started", "service_healthy"}
+
+
+def test_bridge_environment_names_real_settings(services: dict[str, Any]) -> None:
+    env = _environment(services["bridge"])
+    unknown = sorted(set(env) - set(ENV_NAMES))
+    assert not unknown, f"not settings of bridge/settings.py: {unknown}"
+
+
+def test_bridge_environment_is_valid_and_matches_the_simulator(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _isolated_env(monkeypatch, tmp_path)
+    for key, value in _environment(services["bridge"]).items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    settings.require_credentials()
+
+    simulator = _command(services["simulator"])
+    assert simulator[0] == "simulate"
+    assert _option(simulator, "--host") == "0.0.0.0"
+    assert settings.endpoint == f"http://simulator:{_option(simulator, '--port')}"
+    assert settings.access_key_id is not None and settings.access_key_secret is not None
+    # The simulator's keys default to these; the compose file may spell them out, but they must agree.
+    sim_id = _option(simulator, "--access-key-id") if "--access-key-id" in simulator else "sim-access-key-id"
+    sim_secret = (
+        _option(simulator, "--access-key-secret") if "--access-key-secret" in simulator else "sim-access-key-secret"
+    )
+    assert settings.access_key_id.get_secret_value() == sim_id
+    assert settings.access_key_secret.get_secret_value() == sim_secret
+
+    # The AMQP user is one the definitions create, with the password the URL carries.
+    url = settings.amqp_url.get_secret_value()
+    match = re.fullmatch(r"amqp://([^:@/]+):([^@/]+)@rabbitmq:5672/", url)
+    assert match, settings.amqp_url_masked
+    user, password = match.groups()
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text(encoding="utf-8"))
+    entry = next(u for u in definitions["users"] if u["name"] == user)
+    assert _rabbit_password_matches(entry, password)
+    assert settings.exchange == "domain.tasks"
+
+
+def test_bridge_port_and_stop_grace_period(services: dict[str, Any]) -> None:
+    bridge = services["bridge"]
+    port = int(_environment(bridge).get("BRIDGE_METRICS_PORT", METRICS_PORT))
+    assert port == METRICS_PORT
+    assert f"{port}:{port}" in {str(p) for p in bridge["ports"]}
+    grace = re.fullmatch(r"(\d+)s", bridge["stop_grace_period"])
+    assert grace and int(grace.group(1)) > SHUTDOWN_TIMEOUT_S
+
+
+def test_simulator_health_check_works(services: dict[str, Any], unused_port: int) -> None:
+    check = services["simulator"]["healthcheck"]["test"]
+    assert check[0] == "CMD"
+    port = int(_option(_command(services["simulator"]), "--port"))
+    argv = [sys.executable if part == "python" else part for part in check[1:]]
+    assert str(port) in argv[-1]
+    argv[-1] = argv[-1].replace(str(port), str(unused_port))
+    assert _run(argv, ROOT).returncode != 0  # nothing listens
+    with _http_server(unused_port, {"/": 200}):
+        assert _run(argv, ROOT).returncode == 0
+
+
+def test_prometheus_and_grafana_are_wired(services: dict[str, Any]) -> None:
+    prometheus_mounts = _host_volumes(services["prometheus"])
+    config_target = next(t for t, s in prometheus_mounts.items() if s.endswith("prometheus/prometheus.yml"))
+    config = _yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    for rules in config["rule_files"]:
+        target = str(Path(config_target).parent / rules)
+        assert prometheus_mounts[target] == f"./deploy/prometheus/{rules}"
+    scrape = next(job for job in config["scrape_configs"] if "bridge" in json.dumps(job))
+    assert scrape.get("metrics_path", "/metrics") == "/metrics"
+    assert scrape["static_configs"][0]["targets"] == [f"bridge:{METRICS_PORT}"]
+
+    grafana_mounts = _host_volumes(services["grafana"])
+    provider = _yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "task-bridge.yml")["providers"][0]
+    assert grafana_mounts[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    for kind in ("datasources", "dashboards"):
+        provisioned = [t for t, s in grafana_mounts.items() if s.endswith(f"provisioning/{kind}")]
+        assert provisioned == [f"/etc/grafana/provisioning/{kind}"]
+    datasource = _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "9090:9090" in services["prometheus"]["ports"]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "task-bridge.json").read_text(encoding="utf-8"))
+    variable = next(v for v in dashboard["templating"]["list"] if v["type"] == "datasource")
+    assert variable["current"]["value"] == datasource["uid"]
+
+
+# --- deploy/Dockerfile and .dockerignore ---
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile as stages of (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in joined.splitlines():
+        if not line.strip():
+            continue
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), rest.strip()))
+    return stages
+
+
+def _instructions(stage: list[tuple[str, str]], keyword: str) -> list[str]:
+    return [rest for kw, rest in stage if kw == keyword]
+
+
+def test_dockerfile_final_stage() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) >= 3, "a builder stage and a final stage"
+    final = stages[-1]
+    assert _instructions(final, "FROM")[0].split()[0] in {"${PYTHON_IMAGE}", "python:3.11-slim", "python:3.12-slim"}
+    base = re.search(r"ARG PYTHON_IMAGE=(\S+)", (DEPLOY / "Dockerfile").read_text(encoding="utf-8"))
+    assert base and re.fullmatch(r"python:3\.1[12]-slim(-\w+)?", base.group(1))
+
+    user = _instructions(final, "USER")
+    assert user, "the final stage must switch to a non-root user"
+    uid = user[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) >= 1000, "a fixed numeric non-root UID (runAsNonRoot can verify it)"
+
+    assert _instructions(final, "EXPOSE") == [str(METRICS_PORT)]
+    assert json.loads(_instructions(final, "ENTRYPOINT")[0]) == ["task-bridge"]
+    assert json.loads(_instructions(final, "CMD")[0]) == ["run"]
+    env = " ".join(_instructions(final, "ENV"))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
+
+    final_text = " ".join(rest for _, rest in final)
+    for tool in ("gcc", "build-essential", "apt-get install", "g++", "make "):
+        assert tool not in final_text, f"{tool} in the final stage"
+    # Only the built virtualenv comes from the builder.
+    copies = _instructions(final, "COPY")
+    assert copies and all(c.startswith("--from=builder") for c in copies)
+
+
+def test_dockerfile_health_check_asks_healthz(unused_port: int) -> None:
+    final = _dockerfile_stages()[-1]
+    healthcheck = _instructions(final, "HEALTHCHECK")[0]
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    assert command[0] == "python" and "/healthz" in command[-1] and str(METRICS_PORT) in command[-1]
+    argv = [sys.executable, *command[1:]]
+    env = {**os.environ, "BRIDGE_METRICS_PORT": str(unused_port)}
+
+    def run() -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
+
+    assert run().returncode != 0  # nothing listens
+    with _http_server(unused_port, {"/healthz": 200}):
+        assert run().returncode == 0
+    with _http_server(unused_port, {"/healthz": 503}):
+        assert run().returncode != 0
+
+
+def test_console_script_is_the_entrypoint() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "task-bridge" in project["project"]["scripts"]
+
+
+def _dockerignore() -> list[tuple[bool, str]]:
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            patterns.append((line.startswith("!"), line.removeprefix("!").rstrip("/")))
+    return patterns
+
+
+def _ignored(path: str, patterns: list[tuple[bool, str]]) -> bool:
+    """Docker's rule: the last pattern matching the path (or one of its parent directories) wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for negated, pattern in patterns:
+        variants = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatchcase(c, v) for c in candidates for v in variants):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerignore_keeps_the_build_inputs_and_nothing_secret() -> None:
+    patterns = _dockerignore()
+    builder = _dockerfile_stages()[1]
+    sources = [
+        src for copy in _instructions(builder, "COPY") if not copy.startswith("--from") for src in copy.split()[:-1]
+    ]
+    assert "pyproject.toml" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not _ignored(source, patterns), f"{source} is copied but .dockerignore drops it"
+    assert not _ignored("bridge/settings.py", patterns)
+    for path in (
+        ".env",
+        "bridge/.env",
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_deploy.py",
+        "bridge/__pycache__/settings.cpython-311.pyc",
+    ):
+        assert _ignored(path, patterns), f"{path} would be sent to the Docker daemon"
+
+
+# --- deploy/kubernetes ---
+
+
+def _k8s(name: str) -> dict[str, Any]:
+    document = _yaml(K8S / name)
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict[str, Any]:
+    return _k8s("deployment.yaml")
+
+
+@pytest.fixture(scope="module")
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]  # type: ignore[no-any-return]
+
+
+def test_kustomization_lists_existing_manifests() -> None:
+    kustomization = _k8s("kustomization.yaml")
+    resources = kustomization["resources"]
+    for resource in resources:
+        assert (K8S / resource).is_file(), resource
+    assert {"deployment.yaml", "service.yaml", "servicemonitor.yaml"} <= set(resources)
+    # The example Secret holds placeholders: it is not applied with the rest.
+    assert "secret.example.yaml" not in resources
+    for manifest in K8S.glob("*.yaml"):
+        assert "namespace" not in _yaml(manifest).get("metadata", {}), f"{manifest.name} pins a namespace"
+    image = _k8s("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert kustomization["images"][0]["name"] == image
+
+
+def test_one_replica_recreated_and_time_to_drain(deployment: dict[str, Any]) -> None:
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    configmap = _k8s("configmap.yaml")["data"]
+    shutdown_s = float(configmap.get("BRIDGE_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S))
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown_s
+
+
+def test_probes_and_ports(container: dict[str, Any]) -> None:
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": METRICS_PORT}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert get["port"] in ("metrics", METRICS_PORT)
+
+
+def test_security_context_and_resources(deployment: dict[str, Any], container: dict[str, Any]) -> None:
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    user = _instructions(_dockerfile_stages()[-1], "USER")[-1]
+    assert str(pod["securityContext"]["runAsUser"]) == user.split(":")[0]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind])
+
+
+def test_environment_names_real_settings(container: dict[str, Any]) -> None:
+    configmap = _k8s("configmap.yaml")
+    assert container["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
+    names = {e["name"] for e in container["env"]} | set(configmap["data"])
+    unknown = sorted(names - set(ENV_NAMES))
+    assert not unknown, f"not settings of bridge/settings.py: {unknown}"
+    assert all(isinstance(v, str) for v in configmap["data"].values()), "ConfigMap values must be strings"
+    assert int(configmap["data"].get("BRIDGE_METRICS_PORT", METRICS_PORT)) == METRICS_PORT
+    # Secrets come from files only, never from plain variables.
+    secret_vars = {env_name(field) for field in SECRET_FIELDS}
+    assert not names & secret_vars
+
+
+def test_secret_files_are_mounted_where_the_file_variables_point(
+    deployment: dict[str, Any], container: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pod = deployment["spec"]["template"]["spec"]
+    secret = _k8s("secret.example.yaml")
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, "secret files must not be world-readable"
+    items = {item["key"]: item["path"] for item in volume["secret"]["items"]}
+    assert set(items) == set(secret["stringData"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["readOnly"] is True
+
+    file_vars = {e["name"]: e["value"] for e in container["env"] if e["name"].endswith("_FILE")}
+    expected = {f"{env_name(f)}_FILE" for f in ("access_key_id", "access_key_secret", "amqp_url")}
+    assert set(file_vars) >= expected
+    mounted = {f"{mount['mountPath']}/{path}": key for key, path in items.items()}
+    for var, path in file_vars.items():
+        assert path in mounted, f"{var} points at {path}, which the Secret volume does not provide"
+
+    # The settings read those files: give them the example Secret's values through the same variables.
+    _isolated_env(monkeypatch, tmp_path)
+    for key, value in _k8s("configmap.yaml")["data"].items():
+        monkeypatch.setenv(key, value)
+    for var, path in file_vars.items():
+        local = tmp_path / mounted[path]
+        local.write_text(secret["stringData"][mounted[path]] + "\n", encoding="utf-8")
+        monkeypatch.setenv(var, str(local))
+    settings = load_settings()
+    settings.require_credentials()
+    assert settings.access_key_secret is not None
+    assert settings.access_key_secret.get_secret_value() == secret["stringData"]["access-key-secret"]
+    assert settings.amqp_url.get_secret_value() == secret["stringData"]["amqp-url"]
+
+
+def test_service_and_servicemonitor_select_the_bridge(deployment: dict[str, Any], container: dict[str, Any]) -> None:
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = _k8s("service.yaml")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port = service["spec"]["ports"][0]
+    assert port["targetPort"] in ("metrics", METRICS_PORT) and port["port"] == METRICS_PORT
+
+    monitor = _k8s("servicemonitor.yaml")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+
+
+# --- deploy/rabbitmq/definitions.json ---
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dict[str, Any]:
+    return json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def _rabbit_password_matches(user: dict[str, Any], password: str) -> bool:
+    """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt(4) + sha256(salt + password))."""
+    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    raw = base64.b64decode(user["password_hash"])
+    salt, digest = raw[:4], raw[4:]
+    return hashlib.sha256(salt + password.encode()).digest() == digest
+
+
+def test_definitions_contain_the_topology_verbatim(definitions: dict[str, Any]) -> None:
+    topology = describe("domain.tasks")
+    for kind, entries in topology.items():
+        for entry in entries:
+            assert entry in definitions[kind], f"{kind}: {entry} missing or different"
+
+
+def test_definitions_have_the_failures_queue(definitions: dict[str, Any]) -> None:
+    queue = next(q for q in definitions["queues"] if q["name"] == "domain.tasks.failures")
+    assert queue["durable"] is True and queue["arguments"] == {"x-queue-type": "quorum"}
+    binding = next(b for b in definitions["bindings"] if b["destination"] == "domain.tasks.failures")
+    assert (binding["source"], binding["routing_key"], binding["destination_type"]) == (
+        "domain.tasks",
+        "*.execute_failure",
+        "queue",
+    )
+    # Nothing beyond the bridge's topology and this queue.
+    topology = describe("domain.tasks")
+    assert len(definitions["queues"]) == len(topology["queues"]) + 1
+    assert len(definitions["exchanges"]) == len(topology["exchanges"])
+
+
+def test_definitions_create_the_demo_user(definitions: dict[str, Any]) -> None:
+    # Importing definitions at boot replaces the default guest user: the file must bring its own.
+    user = next(u for u in definitions["users"] if u["name"] == "bridge")
+    assert _rabbit_password_matches(user, "bridge")
+    assert not _rabbit_password_matches(user, "guest")
+    assert {"name": "/"} in [{"name": v["name"]} for v in definitions["vhosts"]]
+    permission = next(p for p in definitions["permissions"] if p["user"] == "bridge")
+    assert permission["vhost"] == "/"
+    names = [e["name"] for e in definitions["exchanges"]] + [q["name"] for q in definitions["queues"]]
+    for right in ("configure", "write", "read"):
+        for name in names:
+            assert re.search(permission[right], name), f"bridge cannot {right} {name}"
+
+
+# --- metric names, alert rules, dashboard ---
+
+
+def _metric_tokens(text: str) -> set[str]:
+    return set(re.findall(r"\bbridge_[a-z_]+", text))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        DEPLOY / "prometheus" / "alerts.yml",
+        DEPLOY / "prometheus" / "alerts.test.yml",
+        DEPLOY / "grafana" / "dashboards" / "task-bridge.json",
+    ],
+    ids=lambda p: p.name,
+)
+def test_metric_names_exist(path: Path) -> None:
+    used = _metric_tokens(path.read_text(encoding="utf-8"))
+    assert used
+    unknown = sorted(used - Metrics().names())
+    assert not unknown, f"{path.name} uses metrics bridge/metrics.py does not export: {unknown}"
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    groups = _yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = _alert_rules()
+    for rule in rules:
+        assert "for" in rule, rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+    expressions = {rule["alert"]: rule["expr"] for rule in rules}
+    required = {
+        "up == 0": "up{",
+        "poll age": "time() - bridge_last_successful_poll_timestamp_seconds",
+        "publish failures": 'bridge_events_published_total{outcome!="ack"}',
+        "confirmed unacknowledged": "bridge_confirmed_unacknowledged",
+        "invalid records": "increase(bridge_invalid_records_total",
+        "backlog": "deriv(bridge_upstream_backlog",
+        "broker": "bridge_broker_connected == 0",
+    }
+    for what, fragment in required.items():
+        assert any(fragment in expr for expr in expressions.values()), f"no alert on {what}"
+
+
+def test_alert_rules_check_and_unit_tests_pass() -> None:
+    promtool = _promtool()
+    prometheus = DEPLOY / "prometheus"
+    for argv in (
+        [promtool, "check", "rules", "alerts.yml"],
+        [promtool, "check", "config", "prometheus.yml"],
+        [promtool, "test", "rules", "alerts.test.yml"],
+    ):
+        result = _run(argv, prometheus)
+        assert result.returncode == 0, f"{' '.join(argv[1:])}:\n{result.stdout}\n{result.stderr}"
+    tested = set(re.findall(r"alertname: (\w+)", (prometheus / "alerts.test.yml").read_text(encoding="utf-8")))
+    assert len(tested & {rule["alert"] for rule in _alert_rules()}) >= 3
+
+
+def _dashboard_panels() -> list[dict[str, Any]]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "task-bridge.json").read_text(encoding="utf-8"))
+    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+
+
+def test_dashboard_covers_the_drain(tmp_path: Path) -> None:
+    panels = _dashboard_panels()
+    assert len({p["id"] for p in panels}) == len(panels)
+    exprs = [t["expr"] for panel in panels for t in panel["targets"]]
+    assert all(panel["targets"] and "gridPos" in panel for panel in panels)
+    text = "\n".join(exprs)
+    for needed in (
+        "bridge_details_received_total",
+        "bridge_events_published_total",
+        "bridge_acknowledgements_total",
+        "bridge_upstream_request_duration_seconds_bucket",
+        "bridge_upstream_requests_total",
+        "bridge_publish_confirm_duration_seconds_bucket",
+        "bridge_publishes_in_flight",
+        "bridge_confirmed_unacknowledged",
+        "bridge_upstream_backlog",
+        "bridge_invalid_records_total",
+        "bridge_broker_connected",
+        "bridge_last_successful_poll_timestamp_seconds",
+    ):
+        assert needed in text, f"no panel shows {needed}"
+    assert "histogram_quantile(0.99" in text and "histogram_quantile(0.5" in text
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = _promtool()
+    rules = []
+    for panel in _dashboard_panels():
+        for target in panel["targets"]:
+            # Grafana's variables, replaced by what they expand to, so promtool can parse the query.
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*")
+            rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+    result = _run([promtool, "check", "rules", str(path)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- a tiny HTTP server for the health-check commands ---
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    statuses: ClassVar[dict[str, int]] = {}
+
+    def do_GET(self) -> None:
+        status = self.statuses.get(self.path, self.statuses.get("/", 404))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(port: int, statuses: dict[str, int]) -> Iterator[None]:
+    """Answers GET with ``statuses[path]`` (or ``statuses["/"]``, else 404) on 127.0.0.1:``port``."""
+    handler = type("Handler", (_Handler,), {"statuses": statuses})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_helpers_match_docker_ignore_semantics() -> None:
+    patterns = [(False, "*"), (True, "bridge"), (False, "**/__pycache__")]
+    assert _ignored("README.md", patterns)
+    assert not _ignored("bridge/app.py", patterns)
+    assert _ignored("bridge/__pycache__/app.pyc", patterns)
