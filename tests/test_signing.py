@@ -208,9 +208,7 @@ def test_v1_matches_the_official_rpc_signature() -> None:
         with_token += creds.security_token is not None
         params = {"Action": "PollTaskResult", "Version": "2018-01-29", **_params(rng, plain_names=False)}
         method = rng.choice(["GET", "POST"])
-        sent = _signed(
-            SignatureV1Auth(creds), httpx.Request(method, "https://domain.aliyuncs.com/", params=params)
-        )
+        sent = _signed(SignatureV1Auth(creds), httpx.Request(method, "https://domain.aliyuncs.com/", params=params))
         # What the server decodes from the wire: our parameters unchanged, plus the common ones.
         received = dict(sent.url.params.multi_items())
         signature = received.pop("Signature")
@@ -248,9 +246,7 @@ def test_v3_matches_the_official_authorization() -> None:
         received = dict(sent.url.params.multi_items())
         assert received == {k: v for k, v in params.items() if k not in ("Action", "Version")}
         signed_names = sent.headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
-        assert {"host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce"} <= set(
-            signed_names
-        )
+        assert {"host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce"} <= set(signed_names)
         official = _OfficialRequest(method, received, {name: sent.headers[name] for name in signed_names})
         expected = OfficialUtil.get_authorization(
             official,
