@@ -1,0 +1,262 @@
+"""``task-bridge check``: is this configuration able to run? One line per check, never a secret.
+
+Checks, in order of the report:
+
+- ``settings``: the environment gives valid settings and the access key pair (done by the CLI, which exits 2
+  when they are invalid, as ``run`` does);
+- ``upstream``: one signed PollTaskResult call with PageSize 1 (it acknowledges nothing, so it changes nothing);
+- ``broker``: a connection to the AMQP URL;
+- ``topology``: every exchange and queue of :mod:`bridge.topology` is either absent (the bridge declares it at
+  start) or matches what the bridge declares. An existing one is declared again with the bridge's arguments:
+  a no-op when they agree, a ``PRECONDITION_FAILED`` naming the difference when not, which is exactly what
+  would stop ``run``. Nothing is created: absent names are only reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aio_pika
+import aiormq
+import httpx
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from bridge.errors import UpstreamError
+from bridge.settings import Settings
+from bridge.topology import describe
+from bridge.upstream import UpstreamClient
+
+__all__ = ["CheckResult", "Status", "format_report", "run_checks", "settings_result"]
+
+_MAX_DETAIL_CHARS = 400  # a SignatureDoesNotMatch message carries the whole string to sign
+# What to look at when the upstream refuses the call for a reason retrying cannot fix.
+_UPSTREAM_HINTS = {
+    "SignatureDoesNotMatch": "check ALIBABA_CLOUD_ACCESS_KEY_SECRET and BRIDGE_SIGNATURE_VERSION",
+    "IncompleteSignature": "check ALIBABA_CLOUD_ACCESS_KEY_SECRET and BRIDGE_SIGNATURE_VERSION",
+    "InvalidAccessKeyId": "check ALIBABA_CLOUD_ACCESS_KEY_ID",
+    "InvalidSecurityToken": "check ALIBABA_CLOUD_SECURITY_TOKEN (STS tokens expire)",
+    "InvalidTimeStamp": "the clock of this host is off by more than 15 minutes",
+    "Forbidden.RAM": "the RAM user lacks permission for PollTaskResult",
+}
+
+
+class Status(StrEnum):
+    OK = "OK"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one check: ``name``, ``status`` and a one-line ``detail`` free of secrets."""
+
+    name: str
+    status: Status
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status is Status.FAIL
+
+
+def format_report(results: list[CheckResult]) -> str:
+    """The report: one ``STATUS  name  detail`` line per check, then a verdict line."""
+    width = max((len(r.name) for r in results), default=0)
+    lines = [f"{r.status.value:<4}  {r.name:<{width}}  {r.detail}" for r in results]
+    failed = [r.name for r in results if r.failed]
+    lines.append(f"check failed: {', '.join(failed)}" if failed else "check passed")
+    return "\n".join(lines) + "\n"
+
+
+def settings_result(settings: Settings) -> CheckResult:
+    """The ``settings`` line for valid settings: what the bridge will talk to, without any secret."""
+    credentials = "access key pair" + (" and STS token" if settings.security_token is not None else "") + " set"
+    return CheckResult(
+        "settings",
+        Status.OK,
+        f"{settings.upstream_api} API {settings.api_version} at {settings.endpoint}, "
+        f"{settings.signature_version} signing, {credentials}; exchange {settings.exchange!r}",
+    )
+
+
+async def run_checks(settings: Settings, http: httpx.AsyncClient) -> list[CheckResult]:
+    """Check the upstream, the broker and the topology (concurrently); results in report order."""
+    scrub = _scrubber(settings)
+    async with asyncio.TaskGroup() as group:
+        upstream = group.create_task(_guarded("upstream", scrub, lambda: _check_upstream(settings, http)))
+        broker = group.create_task(_check_broker(settings, scrub))
+    return [settings_result(settings), upstream.result(), *broker.result()]
+
+
+async def _guarded(name: str, scrub: Callable[[str], str], check: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
+    # A check that breaks in an unforeseen way is a failed check, not a traceback in the middle of the report.
+    try:
+        return await check()
+    except Exception as exc:
+        return CheckResult(name, Status.FAIL, _one_line(scrub(f"{type(exc).__name__}: {exc}")))
+
+
+async def _check_upstream(settings: Settings, http: httpx.AsyncClient) -> CheckResult:
+    client = UpstreamClient(http, settings)
+    started = time.perf_counter()
+    try:
+        page = await client.poll(page_num=1, page_size=1)
+    except UpstreamError as exc:
+        hint = next((h for code, h in _UPSTREAM_HINTS.items() if (exc.code or "").startswith(code)), None)
+        text = _one_line(str(exc))
+        return CheckResult("upstream", Status.FAIL, f"{text} -> {hint}" if hint else text)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    pending = "an unknown number of" if page.total_items is None else f"{page.total_items:,}"
+    request = f" (RequestId {page.request_id})" if page.request_id else ""
+    return CheckResult(
+        "upstream",
+        Status.OK,
+        f"PollTaskResult answered in {elapsed_ms:.0f} ms: {pending} task details pending{request}",
+    )
+
+
+async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list[CheckResult]:
+    where = settings.amqp_url_masked
+    try:
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
+    except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+        return [
+            CheckResult("broker", Status.FAIL, f"cannot connect to {where}: {_describe(exc, scrub)}"),
+            CheckResult("topology", Status.SKIP, "needs the broker"),
+        ]
+    try:
+        transport = connection.transport
+        properties: dict[str, Any] = dict(transport.connection.server_properties or {}) if transport else {}
+        server = " ".join(str(properties[k]) for k in ("product", "version") if k in properties) or "connected"
+        topology = await _guarded("topology", scrub, lambda: _check_topology(connection, settings.exchange))
+    finally:
+        await connection.close()
+    return [CheckResult("broker", Status.OK, f"{where}: {server}"), topology]
+
+
+_Declaration = Callable[[AbstractChannel], Awaitable[Any]]
+
+
+def _exchange_declarations(spec: dict[str, Any]) -> tuple[_Declaration, _Declaration]:
+    name, kind, arguments = spec["name"], aio_pika.ExchangeType(spec["type"]), spec["arguments"] or None
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, passive=True)
+
+    async def full(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, type=kind, durable=True, arguments=arguments)
+
+    return passive, full
+
+
+def _queue_declarations(spec: dict[str, Any]) -> tuple[_Declaration, _Declaration]:
+    name, arguments = spec["name"], spec["arguments"]
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_queue(name, passive=True)
+
+    async def full(channel: AbstractChannel) -> None:
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+
+    return passive, full
+
+
+async def _check_topology(connection: AbstractConnection, exchange: str) -> CheckResult:
+    definitions = describe(exchange)
+    checks = [(f"exchange {spec['name']!r}", *_exchange_declarations(spec)) for spec in definitions["exchanges"]]
+    checks += [(f"queue {spec['name']!r}", *_queue_declarations(spec)) for spec in definitions["queues"]]
+    found: list[str] = []
+    absent: list[str] = []
+    for label, passive, full in checks:
+        if not await _exists(connection, passive):
+            absent.append(label)
+            continue
+        problem = await _attempt(connection, full)
+        if problem is not None:
+            return _mismatch(label, problem)
+        found.append(label)
+    if not absent:
+        return CheckResult("topology", Status.OK, f"{', '.join(found)} match what the bridge declares")
+    if not found:
+        return CheckResult("topology", Status.OK, f"not declared yet; the bridge declares {exchange!r} at start")
+    return CheckResult(
+        "topology",
+        Status.OK,
+        f"{', '.join(found)} match; absent, the bridge declares them at start: {', '.join(absent)}",
+    )
+
+
+def _mismatch(label: str, problem: aiormq.exceptions.AMQPError) -> CheckResult:
+    reply = _reply_text(problem)
+    if isinstance(problem, aiormq.exceptions.ChannelPreconditionFailed):
+        return CheckResult(
+            "topology",
+            Status.FAIL,
+            f"{label} differs from what the bridge declares ({reply}); the bridge would stop at start: "
+            "delete it or declare it as deploy/rabbitmq/definitions.json does",
+        )
+    return CheckResult("topology", Status.FAIL, f"cannot declare {label}: {reply}")
+
+
+async def _exists(connection: AbstractConnection, declare: _Declaration) -> bool:
+    problem = await _attempt(connection, declare)
+    if problem is None:
+        return True
+    if isinstance(problem, aiormq.exceptions.ChannelNotFoundEntity):
+        return False
+    raise problem
+
+
+async def _attempt(connection: AbstractConnection, declare: _Declaration) -> aiormq.exceptions.AMQPError | None:
+    """Run one declaration on a channel of its own (a failed one closes its channel); the error or None."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await declare(channel)
+    except aiormq.exceptions.AMQPChannelError as exc:
+        return exc
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return None
+
+
+def _reply_text(exc: BaseException) -> str:
+    # aiormq puts the broker's reply text (e.g. "PRECONDITION_FAILED - inequivalent arg 'type' ...") first.
+    args = getattr(exc, "args", ())
+    text = args[0] if args and isinstance(args[0], str) else str(exc)
+    return _one_line(text)
+
+
+def _describe(exc: BaseException, scrub: Callable[[str], str]) -> str:
+    text = " ".join(str(exc).split()) or "no details"
+    return _one_line(scrub(f"{type(exc).__name__}: {text}"))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 1] + "…"
+
+
+def _scrubber(settings: Settings) -> Callable[[str], str]:
+    """Removes every secret of ``settings`` from a text (errors of foreign libraries may echo the URL)."""
+    url = settings.amqp_url.get_secret_value()
+    secrets = [url]
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if ":" in userinfo:
+        secrets.append(userinfo.split(":", 1)[1])
+    for value in (settings.access_key_secret, settings.security_token, settings.access_key_id):
+        if value is not None:
+            secrets.append(value.get_secret_value())
+    secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    return scrub
