@@ -124,8 +124,9 @@ class Acknowledger:
         try:
             result = await self._upstream.acknowledge(batch)
         except UpstreamError as exc:
-            done: list[str] = list(getattr(exc, "acknowledged", None) or [])
-            self._settle(done, failed=[d for d in batch if d not in set(done)])
+            done: list[str] = exc.acknowledged or []
+            succeeded = set(done)
+            self._settle(done, failed=[d for d in batch if d not in succeeded])
             self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)

@@ -43,9 +43,7 @@ class App:
     ``http`` replaces the upstream HTTP client (tests pass one over ``httpx.ASGITransport``).
     """
 
-    def __init__(
-        self, settings: Settings, *, metrics: Metrics | None = None, http: httpx.AsyncClient | None = None
-    ):
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, http: httpx.AsyncClient | None = None):
         settings.require_credentials()
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -58,15 +56,15 @@ class App:
         """Run until ``stop`` (or drained, with ``once``); True when nothing confirmed is unacknowledged."""
         settings = self.settings
         async with AsyncExitStack() as stack:
-            http = self._http or await stack.enter_async_context(upstream_http_client(settings))
+            http = self._http
+            if http is None:
+                http = await stack.enter_async_context(upstream_http_client(settings))
             upstream = UpstreamClient(http, settings, metrics=self.metrics)
             publisher = Publisher(settings, self.metrics)
             stack.push_async_callback(publisher.close)
             loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
             self.metrics_port = await stack.enter_async_context(
-                serve_in_background(
-                    create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port
-                )
+                serve_in_background(create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port)
             )
             log.info(
                 "task-bridge started",

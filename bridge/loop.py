@@ -27,7 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bridge.acknowledger import Acknowledger
 from bridge.backoff import Backoff, jittered
@@ -289,9 +289,7 @@ class BridgeLoop:
         except BrokerUnavailableError as exc:
             self._check_deadline(once, self._broker_down_since, str(exc))
             delay = self._broker_backoff.next_delay()
-            log.warning(
-                "broker unavailable; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 3)}
-            )
+            log.warning("broker unavailable; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 3)})
             await self._sleep(stop, delay)
             return
         self._broker_backoff.reset()
@@ -335,14 +333,13 @@ class BridgeLoop:
         await self._until_stopped(stop, asyncio.sleep(seconds))
 
     @staticmethod
-    async def _until_stopped(
-        stop: asyncio.Event, work: Awaitable[T], timeout_s: float | None = None
-    ) -> T | None:
+    async def _until_stopped(stop: asyncio.Event, work: Awaitable[T], timeout_s: float | None = None) -> T | None:
         """``await work``, abandoning it (None) when ``stop`` is set or ``timeout_s`` passes first."""
         work_task: asyncio.Future[T] = asyncio.ensure_future(work)
-        stop_task = asyncio.ensure_future(stop.wait())
+        stop_task: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+        waiting: list[asyncio.Future[Any]] = [work_task, stop_task]
         try:
-            await asyncio.wait([work_task, stop_task], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_task.cancel()
         if work_task.done():

@@ -206,8 +206,8 @@ class UpstreamClient:
                     request_ids.append(outcome[1])
                 acknowledged.extend(batch)
         if first_error is not None:
-            # The caller retries only what is not in here; errors.py has no such field, hence setattr.
-            setattr(first_error, "acknowledged", acknowledged)  # noqa: B010
+            # The caller retries only what is not in here.
+            first_error.acknowledged = acknowledged
             raise first_error
         return AckResult(sent=len(ids), confirmed=confirmed, request_ids=request_ids)
 

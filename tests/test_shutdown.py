@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import tempfile
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -24,29 +23,30 @@ async def broker(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
         yield view
 
 
-async def _start(
-    env: dict[str, str], *args: str
-) -> tuple[asyncio.subprocess.Process, tempfile._TemporaryFileWrapper[bytes]]:
-    log = tempfile.NamedTemporaryFile(prefix="bridge-", suffix=".log")  # a file: a full pipe would block the bridge
-    process = await asyncio.create_subprocess_exec(*BRIDGE_COMMAND, *args, env=env, stdout=log, stderr=log)
-    return process, log
+async def _start(env: dict[str, str], log_path: Path, *args: str) -> asyncio.subprocess.Process:
+    # Output goes to a file: a full pipe nobody reads would block the bridge.
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(*BRIDGE_COMMAND, *args, env=env, stdout=log, stderr=log)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
 
 
 async def test_sigterm_mid_batch_exits_in_time_with_nothing_confirmed_left_unacknowledged(
-    broker: Broker, broker_url: str
+    broker: Broker, broker_url: str, tmp_path: Path
 ) -> None:
     sim = Simulator(tasks=4000, seed=21, faults=Faults(latency_s=0.01))
     queue = await broker.bind("all")
     async with running(sim) as url:
         settings = bridge_settings(broker.exchange, broker_url, upstream_endpoint=url, page_size=200)
-        process, log = await _start(bridge_env(settings), "run")
-        with log:
-            await eventually(lambda: sim.acknowledged_count >= 400, timeout_s=30, what="drain under way")
-            process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            code = await asyncio.wait_for(process.wait(), settings.shutdown_timeout_s + 5)
-            elapsed = time.monotonic() - signalled
-            output = Path(log.name).read_text(encoding="utf-8")
+        process = await _start(bridge_env(settings), tmp_path / "bridge.log", "run")
+        await eventually(lambda: sim.acknowledged_count >= 400, timeout_s=30, what="drain under way")
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = await asyncio.wait_for(process.wait(), settings.shutdown_timeout_s + 5)
+        elapsed = time.monotonic() - signalled
+        output = _read(tmp_path / "bridge.log")
     assert code == EXIT_OK, output[-2000:]
     assert elapsed < settings.shutdown_timeout_s
     assert 0 < sim.pending_count <= 4000 - 400, "the signal should land mid-drain"
@@ -56,22 +56,22 @@ async def test_sigterm_mid_batch_exits_in_time_with_nothing_confirmed_left_unack
     assert set(sim.ack_counts) == set(ids)
 
 
-async def test_second_signal_exits_at_once(broker: Broker, broker_url: str) -> None:
+async def test_second_signal_exits_at_once(broker: Broker, broker_url: str, tmp_path: Path) -> None:
     # Acknowledgements hang, so the graceful stop after the first signal would wait its whole budget.
     hang = Faults(hang_ratio=1.0, hang_s=60, actions=frozenset({"AcknowledgeTaskResult"}))
     sim = Simulator(tasks=100, seed=22, faults=hang)
     async with running(sim) as url:
         settings = bridge_settings(broker.exchange, broker_url, upstream_endpoint=url, request_timeout_s=60)
-        process, log = await _start(bridge_env(settings), "run")
-        with log:
-            await eventually(lambda: "task-bridge started" in Path(log.name).read_text(), timeout_s=20, what="start")
-            await asyncio.sleep(1.0)
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
-            assert process.returncode is None, "the graceful stop waits for the hanging acknowledgements"
-            process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            code = await asyncio.wait_for(process.wait(), 5)
+        log_path = tmp_path / "bridge.log"
+        process = await _start(bridge_env(settings), log_path, "run")
+        await eventually(lambda: "task-bridge started" in _read(log_path), timeout_s=20, what="start")
+        await asyncio.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert process.returncode is None, "the graceful stop waits for the hanging acknowledgements"
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = await asyncio.wait_for(process.wait(), 5)
     assert code == EXIT_INTERRUPTED
     assert time.monotonic() - signalled < 2
     assert sim.acknowledged_count == 0
