@@ -29,9 +29,7 @@ class Metrics:
         r = self.registry
         self.info = Info("bridge", "task-bridge build information.", registry=r)
         self.info.info({"version": __version__})
-        self.polls = Counter(
-            "bridge_polls", "PollTaskResult pages requested, by outcome.", ["outcome"], registry=r
-        )
+        self.polls = Counter("bridge_polls", "PollTaskResult pages requested, by outcome.", ["outcome"], registry=r)
         self.upstream_requests = Counter(
             "bridge_upstream_requests",
             "Upstream API requests, by action and outcome.",
@@ -72,9 +70,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "bridge_publishes_in_flight", "Publishes waiting for the broker's confirm.", registry=r
-        )
+        self.in_flight = Gauge("bridge_publishes_in_flight", "Publishes waiting for the broker's confirm.", registry=r)
         self.confirmed_unacknowledged = Gauge(
             "bridge_confirmed_unacknowledged",
             "Details whose event the broker confirmed and that are not yet acknowledged upstream.",

@@ -46,9 +46,7 @@ class Credentials:
 
     __slots__ = ("access_key_id", "access_key_secret", "security_token")
 
-    def __init__(
-        self, access_key_id: str, access_key_secret: SecretStr, security_token: SecretStr | None = None
-    ):
+    def __init__(self, access_key_id: str, access_key_secret: SecretStr, security_token: SecretStr | None = None):
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
         self.security_token = security_token
@@ -81,9 +79,7 @@ def v1_string_to_sign(method: str, params: Iterable[tuple[str, str]]) -> str:
 
 def sign_v1(secret: str, method: str, params: Iterable[tuple[str, str]]) -> str:
     """The V1 ``Signature`` of a request (``Signature`` itself must not be among ``params``)."""
-    digest = hmac.new(
-        f"{secret}&".encode(), v1_string_to_sign(method, params).encode(), hashlib.sha1
-    ).digest()
+    digest = hmac.new(f"{secret}&".encode(), v1_string_to_sign(method, params).encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -103,9 +99,7 @@ def v3_canonical_request(
 ) -> str:
     lowered = {k.lower(): v for k, v in headers.items()}
     canonical_headers = "".join(f"{name}:{lowered[name].strip()}\n" for name in signed)
-    return "\n".join(
-        [method.upper(), path, canonical_query(params), canonical_headers, ";".join(signed), body_sha256]
-    )
+    return "\n".join([method.upper(), path, canonical_query(params), canonical_headers, ";".join(signed), body_sha256])
 
 
 def sign_v3(secret: str, canonical_request: str) -> str:
