@@ -230,6 +230,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -269,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("pattern", nargs="?", default="#", help="routing pattern, e.g. 'chg_dns.*' (default '#')")
     tail.add_argument("--json", action="store_true", help="one JSON line per event (the CloudEvent body)")
     tail.add_argument("--invalid", action="store_true", help="tail the invalid route instead (ignores PATTERN)")
-    tail.add_argument("--count", type=_count, default=None, metavar="N", help="exit after N messages")
+    tail.add_argument("--count", type=_positive_int, default=None, metavar="N", help="exit after N messages")
     tail.set_defaults(handler=_cmd_tail)
 
     demo = commands.add_parser(
