@@ -53,6 +53,7 @@ class Acknowledger:
         self._failure: FatalUpstreamError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.failing_since: float | None = None
+        metrics.confirmed_unacknowledged.set_function(lambda: self.outstanding)
 
     # --- bookkeeping used by the run loop ---
     def add(self, detail_no: str) -> None:
@@ -183,9 +184,7 @@ class Acknowledger:
         )
 
     def _changed(self) -> None:
-        outstanding = self.outstanding
-        self._metrics.confirmed_unacknowledged.set(outstanding)
-        if outstanding:
+        if self.outstanding:
             self._idle.clear()
         else:
             self._idle.set()

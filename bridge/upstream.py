@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlencode
 
 import httpx
 
@@ -46,6 +46,7 @@ _RETRYABLE_CODES = frozenset({"ServiceUnavailable", "InternalError", "UnknownErr
 _FATAL_CODES = frozenset({"SignatureDoesNotMatch", "IncompleteSignature", "Forbidden.RAM"})
 _FATAL_PREFIXES = ("InvalidAccessKeyId", "InvalidTimeStamp", "Missing", "InvalidSecurityToken")
 
+_FORM_HEADERS = {"content-type": "application/x-www-form-urlencoded"}
 _DETAIL_NO = "TaskDetailNo"
 _DETAIL_NO_LOWER = _DETAIL_NO.lower()
 _MISSING: Any = object()
@@ -212,20 +213,24 @@ class UpstreamClient:
         return AckResult(sent=len(ids), confirmed=confirmed, request_ids=request_ids)
 
     async def _acknowledge_batch(self, batch: list[str]) -> tuple[int, str | None]:
-        params = [(f"TaskDetailNo.{n}", detail_no) for n, detail_no in enumerate(batch, start=1)]
-        if self._settings.user_client_ip:
-            params.append(("UserClientIp", self._settings.user_client_ip))
-        body = await self._call(ACKNOWLEDGE_ACTION, params)
+        # The ids go in a form body, which both signature methods cover: a URL holding hundreds of ids could
+        # pass a proxy's URL length limit, and httpx re-parses a long URL several times per request.
+        form = [(f"TaskDetailNo.{n}", detail_no) for n, detail_no in enumerate(batch, start=1)]
+        params = [("UserClientIp", self._settings.user_client_ip)] if self._settings.user_client_ip else []
+        body = await self._call(ACKNOWLEDGE_ACTION, params, form=form)
         return _as_int(body.get("Result")) or 0, _as_str(body.get("RequestId"))
 
     # --- one request ---
-    async def _call(self, action: str, params: list[tuple[str, str]]) -> dict[str, Any]:
-        """One signed request; returns the JSON object of a 2xx answer, raises a typed error otherwise."""
+    async def _call(
+        self, action: str, params: list[tuple[str, str]], *, form: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """One signed request (``form`` as a form body); the JSON object of a 2xx answer, or a typed error."""
         query = [("Action", action), ("Version", self._version), ("Lang", self._settings.lang), *params]
+        content = urlencode(form, quote_via=quote).encode("ascii") if form else b""
         started = time.perf_counter()
         outcome: str | None = None
         try:
-            body = await self._send(action, tuple(query))
+            body = await self._send(action, tuple(query), content)
             outcome = "ok"
             return body
         except ThrottledError:
@@ -243,11 +248,14 @@ class UpstreamClient:
                 if outcome is not None:
                     self._metrics.upstream_requests.labels(action, outcome).inc()
 
-    async def _send(self, action: str, query: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    async def _send(self, action: str, query: tuple[tuple[str, str], ...], content: bytes) -> dict[str, Any]:
+        headers = _FORM_HEADERS if content else None
         try:
             # httpx's timeout bounds each phase (and ASGITransport ignores it): this bounds the whole call.
             async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(self._url, params=query, auth=self._auth, timeout=self._timeout)
+                response = await self._http.post(
+                    self._url, params=query, content=content, headers=headers, auth=self._auth, timeout=self._timeout
+                )
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise RetryableUpstreamError(f"timed out after {self._timeout_s:g}s", action=action) from exc
         except httpx.TransportError as exc:

@@ -197,3 +197,8 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout_s: flo
 
 def body(message: AbstractIncomingMessage) -> Any:
     return json.loads(message.body)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """The current value of one exported sample (0 when it has not been exported yet)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0

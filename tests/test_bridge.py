@@ -23,7 +23,7 @@ from bridge.loop import DeadlineExceeded
 from bridge.metrics import Metrics
 from bridge.simulator import Faults, Simulator, running
 from bridge.upstream import ACKNOWLEDGE_ACTION, POLL_ACTION
-from tests.harness import Broker, body, bridge_settings, broker_view, eventually, run_once, running_bridge
+from tests.harness import Broker, body, bridge_settings, broker_view, eventually, run_once, running_bridge, sample
 
 pytestmark = pytest.mark.broker
 
@@ -70,8 +70,8 @@ async def test_drains_thousands_with_exactly_one_correct_event_each(broker: Brok
         assert event["subject"] == detail["DomainName"]
         assert event["data"] == detail
     assert await broker.take(broker.unrouted) == []
-    assert metrics.events_published.labels("ack")._value.get() == 3000
-    assert metrics.confirmed_unacknowledged._value.get() == 0
+    assert sample(metrics, "bridge_events_published_total", outcome="ack") == 3000
+    assert sample(metrics, "bridge_confirmed_unacknowledged") == 0
 
 
 async def test_unroutable_events_are_kept_in_the_unrouted_queue(broker: Broker, broker_url: str) -> None:
@@ -103,8 +103,8 @@ async def test_invalid_records_go_to_the_invalid_queue_and_are_acknowledged(brok
     assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in valid + invalid])
     assert sim.pending_count == 1  # only the record without an id stays upstream
     # Counted once, although every poll brought it back.
-    assert metrics.invalid_records.labels("no_detail_no")._value.get() == 1
-    assert metrics.invalid_records.labels("validation")._value.get() == len(sim.malformed_ids)
+    assert sample(metrics, "bridge_invalid_records_total", reason="no_detail_no") == 1
+    assert sample(metrics, "bridge_invalid_records_total", reason="validation") == len(sim.malformed_ids)
 
 
 async def test_broker_nack_acknowledges_nothing_and_the_detail_is_delivered_later(
@@ -116,10 +116,12 @@ async def test_broker_nack_acknowledges_nothing_and_the_detail_is_delivered_late
     metrics_nacks = 0
     settings = bridge_settings(broker.exchange, broker_url)
     async with running_bridge(settings, sim) as (app, _stop):
-        await eventually(lambda: app.metrics.events_published.labels("nack")._value.get() >= 20, what="nacks")
+        await eventually(
+            lambda: sample(app.metrics, "bridge_events_published_total", outcome="nack") >= 20, what="nacks"
+        )
         await asyncio.sleep(0.3)
         assert sim.acknowledged_count == 0
-        metrics_nacks = int(app.metrics.events_published.labels("nack")._value.get())
+        metrics_nacks = int(sample(app.metrics, "bridge_events_published_total", outcome="nack"))
         queue = await broker.bind("all")
         await full.delete(if_unused=False, if_empty=False)
         broker.queues.pop(full.name)
@@ -141,7 +143,9 @@ async def test_upstream_errors_are_retried_with_nothing_lost(broker: Broker, bro
     assert sim.pending_count == 0
     assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in await broker.take(queue.name)])
     errors = {
-        outcome: sum(metrics.upstream_requests.labels(action, outcome)._value.get() for action in ACTIONS)
+        outcome: sum(
+            sample(metrics, "bridge_upstream_requests_total", action=action, outcome=outcome) for action in ACTIONS
+        )
         for outcome in ("throttled", "retryable_error")
     }
     assert errors["throttled"] > 0
@@ -167,12 +171,14 @@ async def test_failing_acknowledgements_cause_no_second_event(broker: Broker, br
     queue = await broker.bind("all")
     settings = bridge_settings(broker.exchange, broker_url, page_size=100)
     async with running_bridge(settings, sim) as (app, _stop):
-        await eventually(lambda: app.metrics.acknowledgements.labels("failed")._value.get() >= 300, what="ack failures")
+        await eventually(
+            lambda: sample(app.metrics, "bridge_acknowledgements_total", outcome="failed") >= 300, what="ack failures"
+        )
         await asyncio.sleep(0.5)  # more polls bring the same details back
         assert sim.acknowledged_count == 0
         # One page confirmed and held; with it unacknowledged the bridge takes in nothing more (bounded memory).
-        assert app.metrics.events_published.labels("ack")._value.get() == 100
-        assert app.metrics.confirmed_unacknowledged._value.get() == 100
+        assert sample(app.metrics, "bridge_events_published_total", outcome="ack") == 100
+        assert sample(app.metrics, "bridge_confirmed_unacknowledged") == 100
         sim.faults.ack_failure_ratio = 0.0
         await eventually(lambda: sim.pending_count == 0, what="acknowledged once the upstream recovered")
     ids = [str(m.message_id) for m in await broker.take(queue.name)]
