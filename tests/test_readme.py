@@ -1,0 +1,45 @@
+"""The README is part of the product: its tables must list exactly what the code has."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bridge.metrics import Metrics
+from bridge.settings import Settings, env_name
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _table_first_column(heading: str) -> list[str]:
+    section = README.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([A-Za-z_]+)` \|", section, flags=re.MULTILINE)
+
+
+def _variables() -> set[str]:
+    names = set()
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names.add(alias.choices[0] if alias is not None else env_name(field))  # type: ignore[union-attr]
+    return names
+
+
+def test_settings_table_lists_every_setting_once() -> None:
+    listed = _table_first_column("Settings")
+    assert len(listed) == len(set(listed))
+    assert set(listed) == _variables()
+
+
+def test_metrics_table_lists_every_metric() -> None:
+    listed = set(_table_first_column("Operating it"))
+    samples = {name for name in Metrics().names() if not name.endswith("_created")}
+    exported = {re.sub(r"_(bucket|count|sum)$", "", name) for name in samples}
+    assert listed == exported
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    command = "python -m pytest"
+    assert f"pip install -e '.[test]' && {command}" in README
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(rf"^{re.escape(command)}\b", ci, flags=re.MULTILINE)
