@@ -145,7 +145,7 @@ def malform(record: dict[str, Any], rng: random.Random) -> str:
     """Corrupt ``record`` in place with one of :data:`MALFORMATIONS` (it keeps its TaskDetailNo); returns which."""
     kind = rng.choice(MALFORMATIONS)
     if kind == "status_code_not_int":
-        record["TaskStatusCode"] = rng.choice(("two", "2.0", None))
+        record["TaskStatusCode"] = rng.choice(("two", "2.0", True))  # null would mean "absent", which is valid
     elif kind == "try_count_negative":
         record["TryCount"] = -1
     elif kind == "try_count_not_int":
