@@ -32,7 +32,9 @@ class _Server(uvicorn.Server):
 def _bind(host: str, port: int) -> socket.socket:
     # Binding here makes "address in use" an OSError for the caller (uvicorn would call sys.exit in the loop).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it a small
+    # answer written in two pieces waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
