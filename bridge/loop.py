@@ -245,7 +245,8 @@ class BridgeLoop:
                 self.progress.published += 1
         else:
             self._publish_failures += 1
-            log.warning("publish not confirmed", extra={"detail_no": detail_no, "outcome": outcome.value})
+            # One summary line per pause (see _pause_after_publish_failures); per detail only when debugging.
+            log.debug("publish not confirmed", extra={"detail_no": detail_no, "outcome": outcome.value})
         self._in_flight.discard(detail_no)
         self._progress_event.set()
 
