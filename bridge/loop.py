@@ -200,6 +200,10 @@ class BridgeLoop:
         self._upstream_down_since = None
         self._upstream_backoff.reset()
         self.progress.polled += len(page.records)
+        log.debug(
+            "polled",
+            extra={"request_id": page.request_id, "records": len(page.records), "backlog": page.total_items},
+        )
         if page.total_items is not None:
             self.progress.backlog = page.total_items
         return page
