@@ -424,10 +424,10 @@ def _well_formed(record: Any) -> bool:
     status, code = record.get("TaskStatus"), record.get("TaskStatusCode")
     if record.get("TaskType") not in TASK_TYPES or status not in TASK_STATUS_CODES:
         return False
-    if not isinstance(code, int) or TASK_STATUS_CODES[status] != code:
+    if not isinstance(code, int) or isinstance(code, bool) or TASK_STATUS_CODES[status] != code:
         return False
     tries = record.get("TryCount")
-    if not isinstance(tries, int) or tries < 0:
+    if not isinstance(tries, int) or isinstance(tries, bool) or tries < 0:
         return False
     try:
         for name in ("CreateTime", "UpdateTime"):

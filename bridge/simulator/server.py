@@ -73,8 +73,7 @@ async def running(sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> Asy
         yield f"http://{url_host}:{bound_port}"
     finally:
         server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await task
         sock.close()
 
 
