@@ -63,9 +63,10 @@ class App:
             publisher = Publisher(settings, self.metrics)
             stack.push_async_callback(publisher.close)
             loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
-            self.metrics_port = await stack.enter_async_context(
-                serve_in_background(create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port)
+            operator_port = serve_in_background(
+                create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port
             )
+            _host, self.metrics_port = await stack.enter_async_context(operator_port)
             log.info(
                 "task-bridge started",
                 extra={

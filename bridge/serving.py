@@ -1,9 +1,10 @@
-"""Serving an ASGI app with uvicorn inside the current event loop (operator port, simulator)."""
+"""Serving an ASGI app with uvicorn inside the current event loop (the operator port, the simulator)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -11,32 +12,54 @@ import uvicorn
 
 __all__ = ["serve_in_background"]
 
+_START_POLL_S = 0.01
+
 
 class _Server(uvicorn.Server):
-    # The CLI owns signal handling; uvicorn must not replace our SIGTERM/SIGINT handlers.
+    """A uvicorn server that leaves signal handling to its caller (uvicorn's would re-raise the signal on exit)."""
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 
-@contextlib.asynccontextmanager
-async def serve_in_background(app: Any, host: str, port: int) -> AsyncIterator[int]:
-    """Serve ``app`` on ``host:port`` as a task of the current loop; yield the bound port (real when 0)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
-    server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # raises the startup error (e.g. port in use)
-            raise OSError(f"could not serve on {host}:{port}")
-        await asyncio.sleep(0.01)
-    bound = port
-    for listener in server.servers:
-        for sock in listener.sockets:
-            bound = sock.getsockname()[1]
-            break
+def _bind(host: str, port: int) -> socket.socket:
+    # Binding here makes "address in use" an OSError for the caller (uvicorn would call sys.exit in the loop).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it a small
+    # answer written in two pieces waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        yield bound
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_in_background(app: Any, host: str, port: int, **options: Any) -> AsyncIterator[tuple[str, int]]:
+    """Serve ``app`` on ``host:port`` as a task of the current loop; yield the bound (host, port).
+
+    ``options`` go to :class:`uvicorn.Config`. Port 0 picks a free port. uvicorn's logging configuration is
+    left alone (``log_config=None``) so it does not replace the process's JSON logging.
+    """
+    sock = _bind(host, port)
+    config = uvicorn.Config(app, lifespan="off", log_config=None, log_level=None, access_log=False, **options)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http-{host}:{port}")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # re-raises why it stopped
+                raise RuntimeError(f"the HTTP server on {host}:{port} stopped before it started")
+            await asyncio.sleep(_START_POLL_S)
+        bound_host, bound_port = sock.getsockname()[:2]
+        yield bound_host, bound_port
     finally:
         server.should_exit = True
         await task
+        sock.close()
