@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bridge import __version__
+from bridge import __version__, argtypes
 from bridge.app import App
 from bridge.errors import BridgeError, SettingsError
 from bridge.logs import configure_logging
@@ -209,41 +209,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser ---
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a ratio between 0 and 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``task-bridge`` with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -256,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="poll, publish and acknowledge until SIGTERM/SIGINT")
     run.add_argument("--once", action="store_true", help="drain the backlog, then exit (non-zero when it cannot)")
     # How often --once reports progress without a terminal (default 5 s); hidden, tests shorten it.
-    run.add_argument("--progress-interval", type=_positive, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--progress-interval", type=argtypes.positive, default=None, help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
 
     check = commands.add_parser(
@@ -276,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("pattern", nargs="?", default="#", help="routing pattern, e.g. 'chg_dns.*' (default '#')")
     tail.add_argument("--json", action="store_true", help="one JSON line per event (the CloudEvent body)")
     tail.add_argument("--invalid", action="store_true", help="tail the invalid route instead (ignores PATTERN)")
-    tail.add_argument("--count", type=_positive_int, default=None, metavar="N", help="exit after N messages")
+    tail.add_argument("--count", type=argtypes.positive_int, default=None, metavar="N", help="exit after N messages")
     tail.set_defaults(handler=_cmd_tail)
 
     demo = commands.add_parser(
@@ -285,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the simulator in-process with a seeded backlog, the bridge against it and the broker "
         "of BRIDGE_AMQP_URL (default: local guest), and print every event and a summary every few seconds.",
     )
-    demo.add_argument("--tasks", type=_count, default=200, help="details pending at start (default 200)")
-    demo.add_argument("--rate", type=_non_negative, default=5.0, help="new details per second (default 5)")
+    demo.add_argument("--tasks", type=argtypes.count, default=200, help="details pending at start (default 200)")
+    demo.add_argument("--rate", type=argtypes.non_negative, default=5.0, help="new details per second (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulated details")
-    demo.add_argument("--seconds", type=_positive, default=None, help="stop by itself after this many seconds")
-    demo.add_argument("--malformed-ratio", type=_ratio, default=0.0, help="share of details that are malformed")
-    demo.add_argument("--poll-interval", type=_positive, default=1.0, help="seconds between idle polls (1)")
-    demo.add_argument("--summary-interval", type=_positive, default=3.0, help="seconds between summaries (3)")
+    demo.add_argument("--seconds", type=argtypes.positive, default=None, help="stop by itself after this many seconds")
+    demo.add_argument("--malformed-ratio", type=argtypes.ratio, default=0.0, help="share of details that are malformed")
+    demo.add_argument("--poll-interval", type=argtypes.positive, default=1.0, help="seconds between idle polls (1)")
+    demo.add_argument("--summary-interval", type=argtypes.positive, default=3.0, help="seconds between summaries (3)")
     demo.set_defaults(handler=_cmd_demo)
 
     add_simulate(commands)

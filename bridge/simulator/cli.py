@@ -5,25 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from bridge import argtypes
 from bridge.simulator.app import Simulator
 from bridge.simulator.faults import Faults
 from bridge.simulator.server import serve
 
 __all__ = ["add_parser", "run"]
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a ratio between 0 and 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,17 +25,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tasks", type=int, default=1000, help="details pending at start")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rate", type=_non_negative, default=0.0, help="new details per second")
+    parser.add_argument("--rate", type=argtypes.non_negative, default=0.0, help="new details per second")
     parser.add_argument("--access-key-id", default="sim-access-key-id")
     parser.add_argument("--access-key-secret", default="sim-access-key-secret")
     parser.add_argument("--security-token", default=None, help="when set, requests must carry this STS token")
-    parser.add_argument("--latency-ms", type=_non_negative, default=0.0, help="added to every API request")
-    parser.add_argument("--unavailable-ratio", type=_ratio, default=0.0, help="share answered 503")
-    parser.add_argument("--throttling-ratio", type=_ratio, default=0.0, help="share answered 400 Throttling")
-    parser.add_argument("--internal-error-ratio", type=_ratio, default=0.0, help="share answered 500")
-    parser.add_argument("--hang-ratio", type=_ratio, default=0.0, help="share that hangs --hang-seconds")
-    parser.add_argument("--hang-seconds", type=_non_negative, default=30.0)
-    parser.add_argument("--malformed-ratio", type=_ratio, default=0.0, help="share of details malformed")
+    parser.add_argument("--latency-ms", type=argtypes.non_negative, default=0.0, help="added to every API request")
+    parser.add_argument("--unavailable-ratio", type=argtypes.ratio, default=0.0, help="share answered 503")
+    parser.add_argument("--throttling-ratio", type=argtypes.ratio, default=0.0, help="share answered 400 Throttling")
+    parser.add_argument("--internal-error-ratio", type=argtypes.ratio, default=0.0, help="share answered 500")
+    parser.add_argument("--hang-ratio", type=argtypes.ratio, default=0.0, help="share that hangs --hang-seconds")
+    parser.add_argument("--hang-seconds", type=argtypes.non_negative, default=30.0)
+    parser.add_argument("--malformed-ratio", type=argtypes.ratio, default=0.0, help="share of details malformed")
 
 
 def run(args: argparse.Namespace) -> int:
