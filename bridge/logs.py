@@ -46,3 +46,6 @@ def configure_logging(level: str) -> None:
     # Library chatter at INFO (connection details, per-request lines) is noise for operators.
     for name in ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # aiormq logs every refused connect and broker-closed connection with a traceback; the publisher reports
+    # the same events as one line each ("broker connection lost", "broker unavailable; retrying").
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
