@@ -61,7 +61,8 @@ class Progress:
         self.invalid = 0
         self.unusable = 0
         self.acknowledged = 0
-        self.backlog: int | None = None
+        self.backlog: int | None = None  # TotalItemNum of the last poll: every detail still upstream
+        self.acknowledged_at_poll = 0  # acknowledged when that poll was answered
 
 
 class BridgeLoop:
@@ -206,6 +207,7 @@ class BridgeLoop:
         )
         if page.total_items is not None:
             self.progress.backlog = page.total_items
+            self.progress.acknowledged_at_poll = self.progress.acknowledged
         return page
 
     def _dispatch(self, page: Page) -> tuple[int, int]:

@@ -5,9 +5,7 @@ numbers go out as a JSON log line every ``interval_s`` (default 5 s). Either way
 
 *Done* is what was acknowledged upstream (the event is stored and the detail will not come back). *Total* is
 done plus what the upstream still holds: ``TotalItemNum`` of the last poll counts every pending detail,
-including the ones on their way, so it is added to what was acknowledged *at the time of that poll*. The loop
-exposes counters, not poll times, so a new poll is recognised by its counters changing between two samples;
-samples are taken every 0.2 s, which bounds the error to the acknowledgements of that slice.
+including the ones on their way, so it is added to what was acknowledged when that poll was answered.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ class ProgressCounters(Protocol):
     unusable: int
     acknowledged: int
     backlog: int | None
+    acknowledged_at_poll: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,18 +79,11 @@ class ProgressTracker:
     def __init__(self, started: float) -> None:
         self._started = started
         self._rates: deque[tuple[float, int]] = deque([(started, 0)])
-        self._last_poll: tuple[int, int | None] | None = None
-        self._done_at_poll = 0
-        self._pending_at_poll: int | None = None
 
     def observe(self, counters: ProgressCounters, now: float) -> Snapshot:
         done = counters.acknowledged
-        poll = (counters.polled, counters.backlog)
-        if poll != self._last_poll:
-            self._last_poll = poll
-            self._done_at_poll = done
-            self._pending_at_poll = counters.backlog
-        total = None if self._pending_at_poll is None else max(done, self._done_at_poll + self._pending_at_poll)
+        backlog = counters.backlog
+        total = None if backlog is None else max(done, counters.acknowledged_at_poll + backlog)
 
         self._rates.append((now, done))
         while len(self._rates) > 2 and now - self._rates[1][0] >= _RATE_WINDOW_S:

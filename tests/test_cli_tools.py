@@ -304,6 +304,7 @@ class Counters:
     def __init__(self) -> None:
         self.polled = self.published = self.invalid = self.unusable = self.acknowledged = 0
         self.backlog: int | None = None
+        self.acknowledged_at_poll = 0
 
 
 def test_progress_on_a_terminal_redraws_one_line_and_ends_with_a_summary() -> None:
@@ -327,8 +328,8 @@ def test_progress_on_a_terminal_redraws_one_line_and_ends_with_a_summary() -> No
     assert line == "draining: 200 of 1,000 done (20.0%) · 100/s · 8s left · 3 invalid"
     assert "\n" not in screen.getvalue()  # redrawn in place, never scrolled
 
-    counters.polled, counters.backlog = 1000, 0  # the last poll: nothing left
     counters.published = counters.acknowledged = 1000
+    counters.polled, counters.backlog, counters.acknowledged_at_poll = 1000, 0, 1000  # the last poll: nothing left
     now[0] += 8
     snap = reporter.finish(complete=True)
     assert snap is not None and snap.done == snap.total == 1000
@@ -364,7 +365,7 @@ def test_total_counts_what_was_acknowledged_at_the_time_of_the_poll() -> None:
     assert (snap.done, snap.total) == (100, 500)
     assert snap.rate_per_s == pytest.approx(50.0)
     assert snap.eta_s == pytest.approx(8.0)
-    counters.polled, counters.backlog = 200, 400  # the next poll agrees
+    counters.polled, counters.backlog, counters.acknowledged_at_poll = 200, 400, 100  # the next poll agrees
     assert tracker.observe(counters, 2.1).total == 500
     counters.polled, counters.backlog = 300, 450  # 50 new details arrived upstream meanwhile
     assert tracker.observe(counters, 2.2).total == 550
