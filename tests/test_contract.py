@@ -33,6 +33,7 @@ from bridge.events import (
 from bridge.settings import Settings
 from bridge.topology import describe
 from bridge.upstream import RawRecord
+from tests.samples import task_detail as detail
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 SCHEMA_FILE = CONTRACT / "event.schema.json"
@@ -63,30 +64,6 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
     for part in ref[2:].split("/"):
         node = node[part.replace("~1", "/").replace("~0", "~")]
     return node
-
-
-def detail(**changes: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "TaskDetailNo": "15fee9d10d514bada66bd08c5723c583",
-        "TaskNo": "b95bc334-f7d8-4f39-8a62-4c4302a243d8",
-        "TaskType": "CHG_DNS",
-        "TaskTypeDescription": "DNS Modification",
-        "InstanceId": "S201817141000000",
-        "DomainName": "example.com",
-        "TaskStatus": "EXECUTE_SUCCESS",
-        "TaskStatusCode": 2,
-        "TaskResult": "test",
-        "ErrorMsg": "The operation is successful.",
-        "TryCount": 0,
-        "CreateTime": "2018-03-26 15:08:20",
-        "UpdateTime": "2018-03-26 15:22:18",
-    }
-    for key, value in changes.items():
-        if value is ...:
-            record.pop(key, None)
-        else:
-            record[key] = value
-    return record
 
 
 # --- the JSON Schema --------------------------------------------------------------------------------------------
