@@ -76,26 +76,25 @@ async def _run(settings: Settings, once: bool, progress_interval_s: float | None
     stop = asyncio.Event()
     install_stop_handlers(stop)
     app = App(settings)
-    if not once:
-        try:
-            complete = await app.run(stop)
-        except BridgeError as exc:
-            log.error(f"task-bridge stopped: {exc}", extra={"error_type": type(exc).__name__})
-            return EXIT_FAILURE
-        return EXIT_OK if complete else EXIT_FAILURE
-
+    complete = False
+    failure: BridgeError | None = None
     reporter = ProgressReporter(
         lambda: app.loop.progress if app.loop is not None else None, sys.stderr, interval_s=progress_interval_s
     )
-    complete = False
     try:
-        async with reporter:
-            complete = await app.run(stop, once=True)
+        if once:
+            async with reporter:
+                complete = await app.run(stop, once=True)
+        else:
+            complete = await app.run(stop)
     except BridgeError as exc:
-        log.error(f"task-bridge stopped: {exc}", extra={"error_type": type(exc).__name__})
-        return EXIT_FAILURE
-    finally:
+        failure = exc
+    if once:
         reporter.finish(complete)
+    if failure is not None:
+        # The last line of the log says why the process stopped.
+        log.error(f"task-bridge stopped: {failure}", extra={"error_type": type(failure).__name__})
+        return EXIT_FAILURE
     return EXIT_OK if complete else EXIT_FAILURE
 
 

@@ -92,7 +92,7 @@ class Publisher:
             connection = await aio_pika.connect(url, timeout=self._settings.publish_timeout_s)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise BrokerUnavailableError(
-                f"cannot connect to {self._settings.amqp_url_masked}: {_describe(exc)}"
+                f"cannot connect to {self._settings.amqp_url_masked}: {self._describe(exc)}"
             ) from None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
@@ -100,11 +100,11 @@ class Publisher:
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             await connection.close()
             raise BrokerError(
-                f"topology of {self._settings.exchange!r} differs from what the broker has: {_describe(exc)}"
+                f"topology of {self._settings.exchange!r} differs from what the broker has: {self._describe(exc)}"
             ) from None
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             await connection.close()
-            raise BrokerUnavailableError(f"broker setup failed: {_describe(exc)}") from None
+            raise BrokerUnavailableError(f"broker setup failed: {self._describe(exc)}") from None
         self._connection, self._channel, self._exchanges = connection, channel, exchanges
         connection.close_callbacks.add(self._on_close)
         channel.close_callbacks.add(self._on_close)
@@ -114,7 +114,7 @@ class Publisher:
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         if not self._disconnected.is_set():
-            log.warning("broker connection lost", extra={"reason": _describe(exc) if exc else "closed"})
+            log.warning("broker connection lost", extra={"reason": self._describe(exc) if exc else "closed"})
         self._disconnected.set()
         self._metrics.broker_connected.set(0)
 
@@ -126,7 +126,13 @@ class Publisher:
             try:
                 await connection.close()
             except Exception as exc:  # closing a broken connection must not mask the original failure
-                log.debug("error while closing the broker connection", extra={"reason": _describe(exc)})
+                log.debug("error while closing the broker connection", extra={"reason": self._describe(exc)})
+
+    def _describe(self, exc: BaseException) -> str:
+        """One line about a broker error, without the AMQP URL's password."""
+        text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        password = _password(self._settings.amqp_url.get_secret_value())
+        return text.replace(password, "***") if password else text
 
     async def publish(self, item: Publishable, *, invalid: bool = False) -> PublishOutcome:
         """Publish ``item`` (to the invalid exchange when ``invalid``) and wait for the broker's answer.
@@ -164,7 +170,7 @@ class Publisher:
         except TimeoutError:
             return PublishOutcome.TIMEOUT
         except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            log.debug("publish failed on a closed channel", extra={"reason": _describe(exc)})
+            log.debug("publish failed on a closed channel", extra={"reason": self._describe(exc)})
             return PublishOutcome.CLOSED
         if isinstance(confirmation, Basic.Ack):
             return PublishOutcome.ACK
@@ -174,9 +180,6 @@ class Publisher:
         return PublishOutcome.RETURNED
 
 
-def _describe(exc: BaseException | None) -> str:
-    """A one-line description of a broker error that never includes the AMQP URL's password."""
-    if exc is None:
-        return "unknown"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+def _password(url: str) -> str | None:
+    creds = url.partition("://")[2].rpartition("@")[0]
+    return creds.partition(":")[2] or None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from bridge.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from bridge.simulator import Faults, Simulator, running
 from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view, eventually
 
@@ -90,3 +91,31 @@ async def test_bad_settings_stop_at_start_with_one_line_each(broker_url: str, ex
     assert any("BRIDGE_AMQP_URL" in line for line in lines)
     assert "Traceback" not in err.decode()
     assert "pw" not in err.decode()
+
+
+async def test_fatal_upstream_error_exits_1_with_one_clear_line_and_no_secret(
+    broker_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    token = "sts-token-7Hq2ZpL0x"
+    sim = Simulator(tasks=5, seed=23, security_token=token)
+    async with running(sim) as url:
+        env = bridge_env(bridge_settings(exchange_name, broker_url, upstream_endpoint=url))
+        # V1 echoes every signed parameter (the STS token among them) in SignatureDoesNotMatch.
+        env.update(
+            {
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "wrong-secret-4kP9",
+                "ALIBABA_CLOUD_SECURITY_TOKEN": token,
+                "BRIDGE_SIGNATURE_VERSION": "v1",
+            }
+        )
+        log_path = tmp_path / "bridge.log"
+        process = await _start(env, log_path, "run", "--once")
+        code = await asyncio.wait_for(process.wait(), 30)
+    output = _read(log_path)
+    last = json.loads(output.strip().splitlines()[-1])
+    assert code == EXIT_FAILURE
+    assert last["level"] == "error", output
+    assert "SignatureDoesNotMatch" in last["message"]
+    for secret in ("wrong-secret-4kP9", token):
+        assert secret not in output
+    assert sim.acknowledged_count == 0
