@@ -1,0 +1,221 @@
+"""The bench's verdicts and its markdown table, computed from the results dictionary alone.
+
+The JSON file and the table are made from the same dictionary, so a saved result can be re-rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TARGETS", "Row", "render", "rows"]
+
+# The targets, in one place: each figure's limit and how the table states it.
+TARGETS = {
+    "drain_vs_raw_min": 0.7,
+    "cpu_vs_raw_max": 1.5,
+    "rss_growth_max": 0.10,
+    "latency_bound_min": 0.8,
+    "p99_over_poll_max_s": 1.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table."""
+
+    figure: str
+    measured: str
+    target: str
+    verdict: str
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "PASS" if ok else "**FAIL**"
+
+
+def _problem(phase: dict[str, Any]) -> str | None:
+    """Why a phase has no valid figure (``ERROR`` it did not run, ``INVALID`` its checks failed), or None."""
+    if "error" in phase:
+        return f"ERROR: {phase['error']}"
+    if phase.get("problems"):
+        return "INVALID: " + "; ".join(phase["problems"])
+    return None
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """The table's rows for ``results`` (phases that did not run are left out)."""
+    out: list[Row] = []
+    raw: dict[str, Any] = results.get("raw") or {}
+    raw_ok = bool(raw) and _problem(raw) is None
+    if raw:
+        what = f"raw ceiling: aio-pika, {_n(raw['details'])} events, {raw['window']} in flight"
+        problem = _problem(raw)
+        if problem:
+            out.append(Row(what, problem, "reference", "n/a"))
+        else:
+            out.append(
+                Row(
+                    what,
+                    f"{_n(raw['rate_per_s'])} msg/s; {raw['cpu_per_10k_s']:.2f} CPU s per 10k "
+                    f"(body {_n(raw['body_bytes_mean'])} B mean)",
+                    "reference",
+                    "—",
+                )
+            )
+    drain = results.get("drain")
+    if drain is not None:
+        what = f"task-bridge drains {_n(drain['details'])} (startup included)"
+        problem = _problem(drain)
+        if problem:
+            out.append(Row(what, problem, f"≥ {TARGETS['drain_vs_raw_min']} x raw", "**FAIL**"))
+        else:
+            ratio = drain["rate_per_s"] / raw["rate_per_s"] if raw_ok else None
+            measured = f"{_n(drain['rate_per_s'])} details/s in {drain['wall_s']:.2f} s"
+            if ratio is not None:
+                measured += f" = {ratio:.2f} x raw"
+            out.append(
+                Row(
+                    what,
+                    measured,
+                    f"≥ {TARGETS['drain_vs_raw_min']} x raw",
+                    _verdict(None if ratio is None else ratio >= TARGETS["drain_vs_raw_min"]),
+                )
+            )
+            cpu_ratio = drain["cpu_per_10k_s"] / raw["cpu_per_10k_s"] if raw_ok else None
+            measured = f"{drain['cpu_per_10k_s']:.2f} s"
+            if cpu_ratio is not None:
+                measured += f" vs raw {raw['cpu_per_10k_s']:.2f} s = {cpu_ratio:.2f} x"
+            out.append(
+                Row(
+                    "CPU seconds per 10k events (bridge process, startup included)",
+                    measured,
+                    f"≤ {TARGETS['cpu_vs_raw_max']} x raw",
+                    _verdict(None if cpu_ratio is None else cpu_ratio <= TARGETS["cpu_vs_raw_max"]),
+                )
+            )
+    latency = results.get("latency")
+    if latency is not None:
+        what = (
+            f"drain {_n(latency['details'])} with {latency['latency_ms']:g} ms upstream latency, "
+            f"page {latency['page_size']}"
+        )
+        target = f"≥ {TARGETS['latency_bound_min']} x P/L"
+        problem = _problem(latency)
+        if problem:
+            out.append(Row(what, problem, target, "**FAIL**"))
+        else:
+            ratio = latency["rate_per_s"] / latency["bound_per_s"]
+            measured = f"{_n(latency['rate_per_s'])} details/s = {ratio:.2f} x P/L ({_n(latency['bound_per_s'])}/s)"
+            if raw_ok and raw["rate_per_s"] < latency["bound_per_s"]:
+                # Above the broker's ceiling the round trips do not bind: say how close it came to what does.
+                measured += f"; {latency['rate_per_s'] / raw['rate_per_s']:.2f} x min(P/L, raw)"
+            out.append(Row(what, measured, target, _verdict(ratio >= TARGETS["latency_bound_min"])))
+    rss = results.get("rss")
+    if rss is not None:
+        small, large = rss["small"], rss["large"]
+        what = f"peak RSS draining {_n(small['details'])} vs {_n(large['details'])}"
+        target = f"within {TARGETS['rss_growth_max']:.0%}"
+        problem = _problem(small) or _problem(large)
+        if problem:
+            out.append(Row(what, problem, target, "**FAIL**"))
+        else:
+            ratio = large["max_rss_mib"] / small["max_rss_mib"]
+            out.append(
+                Row(
+                    what,
+                    f"{small['max_rss_mib']:.1f} MiB vs {large['max_rss_mib']:.1f} MiB = {ratio:.3f} x",
+                    target,
+                    _verdict(ratio <= 1 + TARGETS["rss_growth_max"]),
+                )
+            )
+    steady = results.get("steady")
+    if steady is not None:
+        limit = steady["poll_interval_s"] + TARGETS["p99_over_poll_max_s"]
+        what = (
+            f"detail upstream → event delivered from the queue, {steady['rate_per_s']:g} details/s, "
+            f"poll interval {steady['poll_interval_s']:g} s"
+        )
+        target = f"p99 ≤ {limit:g} s"
+        problem = _problem(steady)
+        if problem:
+            out.append(Row(what, problem, target, "**FAIL**"))
+        elif not steady["samples"]:
+            out.append(Row(what, "no samples", target, "**FAIL**"))
+        else:
+            out.append(
+                Row(
+                    what,
+                    f"p50 {steady['p50_s']:.3f} s, p99 {steady['p99_s']:.3f} s, max {steady['max_s']:.3f} s "
+                    f"({steady['samples']} details)",
+                    target,
+                    _verdict(steady["p99_s"] <= limit),
+                )
+            )
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown table of ``results``, followed by the notes a reader needs to interpret it."""
+    lines = ["| figure | measured | target | result |", "|---|---|---|---|"]
+    lines += [f"| {r.figure} | {r.measured} | {r.target} | {r.verdict} |" for r in rows(results)]
+    lines.append("")
+    lines += [f"- {note}" for note in _notes(results)]
+    return "\n".join(lines)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    machine = results["machine"]
+    notes = [
+        f"{machine['cores']} cores, load average {machine['load_start']} at the start and "
+        f"{machine['load_end']} at the end; broker {results['broker']}; Python {machine['python']}; "
+        f"{results['started']}.",
+    ]
+    startup = results.get("startup")
+    if startup is not None and _problem(startup) is None:
+        notes.append(
+            f"Bridge figures include the process's startup: `run --once` on an empty backlog takes "
+            f"{startup['wall_s']:.2f} s and {startup['cpu_s']:.2f} CPU s (interpreter, imports, broker "
+            f"connection, topology, one poll)."
+        )
+    drain = results.get("drain")
+    if drain is not None and _problem(drain) is None and startup is not None and _problem(startup) is None:
+        net_wall = drain["wall_s"] - startup["wall_s"]
+        net_cpu = drain["cpu_s"] - startup["cpu_s"]
+        if net_wall > 0:
+            notes.append(
+                f"Without that startup the drain runs at {_n(drain['details'] / net_wall)} details/s and "
+                f"{net_cpu / drain['details'] * 10_000:.2f} CPU s per 10k events; its peak RSS is "
+                f"{drain['max_rss_mib']:.1f} MiB."
+            )
+    latency = results.get("latency")
+    if latency is not None:
+        bound = latency["bound_per_s"]
+        notes.append(
+            f"Round-trip bound: with page size P and upstream latency L, a client that needs one poll round trip "
+            f"per page moves at most P / L details/s (its acknowledgements overlap with the next poll): "
+            f"{latency['page_size']} / {latency['latency_ms'] / 1000:g} s = {_n(bound)}/s."
+        )
+        raw = results.get("raw")
+        if raw is not None and _problem(raw) is None and bound > raw["rate_per_s"]:
+            notes.append(
+                f"That bound is above the raw broker ceiling ({_n(raw['rate_per_s'])} msg/s), so here the broker "
+                f"binds, not the round trips: the table also gives the ratio to min(P / L, raw); the verdict "
+                f"stays on P / L as specified."
+            )
+    rss = results.get("rss")
+    if rss is not None and rss.get("reduced"):
+        notes.append(f"--quick: the large RSS run drains {_n(rss['large']['details'])} details instead of 100,000.")
+    steady = results.get("steady")
+    if steady is not None and _problem(steady) is None and steady["samples"]:
+        notes.append(
+            f"Latency is measured from sending the `POST /_control` that adds a detail to the consumer receiving "
+            f"its event (median POST round trip {steady['post_rtt_median_s'] * 1000:.1f} ms, so at most that much "
+            f"too high), over {steady['duration_s']:g} s after a {steady['warmup_s']:g} s warm-up; the bridge "
+            f"used {steady['cpu_s'] / steady['wall_s']:.1%} of a core meanwhile."
+        )
+    return notes
