@@ -45,3 +45,10 @@ async def amqp(broker_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConn
         yield connection
     finally:
         await connection.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The fault-injection suite's table (also written to tests/.fault-table.md), when its scenarios ran."""
+    from tests.faults_support import report_fault_table
+
+    report_fault_table(terminalreporter, config)
