@@ -36,18 +36,18 @@ __all__ = [
     "BackgroundDrain",
     "FaultTable",
     "Row",
+    "ScenarioQueues",
     "Tally",
     "TcpProxy",
-    "TestQueues",
     "TooManyDuplicates",
     "amqp_port",
     "broker_app_stopped",
     "draining",
     "ensure_broker_app_running",
     "report_fault_table",
+    "scenario_queues",
     "start_bridge",
     "tally",
-    "test_queues",
 ]
 
 TABLE_PATH = Path(__file__).parent / ".fault-table.md"
@@ -147,13 +147,11 @@ def tally(sim: Simulator, details: int, events: Sequence[str], invalid: Sequence
 # --- the test's queues ---------------------------------------------------------------------------------------
 
 
-class TestQueues:
+class ScenarioQueues:
     """The bridge's topology for one exchange, a queue of the test bound ``#``, and what reached them.
 
     Each operation opens its own connection, so the view survives a broker restart in the middle of a test.
     """
-
-    __test__ = False  # not a test class, despite its name
 
     def __init__(self, amqp_url: str, exchange: str) -> None:
         self.amqp_url = amqp_url
@@ -229,19 +227,16 @@ class TestQueues:
 
 
 @contextlib.asynccontextmanager
-async def test_queues(
+async def scenario_queues(
     amqp_url: str, exchange: str, arguments: dict[str, Any] | None = None
-) -> AsyncIterator[TestQueues]:
-    """A declared :class:`TestQueues`, deleted afterwards."""
-    queues = TestQueues(amqp_url, exchange)
+) -> AsyncIterator[ScenarioQueues]:
+    """A declared :class:`ScenarioQueues`, deleted afterwards."""
+    queues = ScenarioQueues(amqp_url, exchange)
     await queues.declare(arguments)
     try:
         yield queues
     finally:
         await queues.cleanup()
-
-
-test_queues.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 # --- the bridge, in-process or as a process ------------------------------------------------------------------

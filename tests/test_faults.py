@@ -36,16 +36,16 @@ from tests.faults_support import (
     FAULT_TABLE,
     RABBITMQCTL,
     FaultTable,
+    ScenarioQueues,
     Tally,
     TcpProxy,
-    TestQueues,
     TooManyDuplicates,
     amqp_port,
     broker_app_stopped,
     draining,
     ensure_broker_app_running,
+    scenario_queues,
     start_bridge,
-    test_queues,
 )
 from tests.harness import bridge_env, bridge_settings, eventually, sample
 
@@ -66,8 +66,8 @@ def fault_table(pytestconfig: pytest.Config) -> FaultTable:
 
 
 @pytest.fixture
-async def queues(broker_url: str, exchange_name: str) -> AsyncIterator[TestQueues]:
-    async with test_queues(broker_url, exchange_name) as declared:
+async def queues(broker_url: str, exchange_name: str) -> AsyncIterator[ScenarioQueues]:
+    async with scenario_queues(broker_url, exchange_name) as declared:
         yield declared
 
 
@@ -78,7 +78,7 @@ def broker_app_guard() -> Iterator[None]:
     ensure_broker_app_running()
 
 
-def settings_for(queues: TestQueues, **overrides: Any) -> Settings:
+def settings_for(queues: ScenarioQueues, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"page_size": PAGE, "max_in_flight": WINDOW, "once_deadline_s": 60.0}
     values.update(overrides)
     amqp_url = values.pop("amqp_url", queues.amqp_url)
@@ -112,7 +112,7 @@ def log_tail(path: Path) -> str:
 
 @pytest.mark.skipif(RABBITMQCTL is None, reason="needs rabbitmqctl of the local broker")
 @pytest.mark.usefixtures("broker_app_guard")
-async def test_broker_restarted_mid_drain(queues: TestQueues, fault_table: FaultTable) -> None:
+async def test_broker_restarted_mid_drain(queues: ScenarioQueues, fault_table: FaultTable) -> None:
     details = 5000
     sim = Simulator(tasks=details, seed=101)
     metrics = Metrics()
@@ -134,7 +134,7 @@ async def test_broker_restarted_mid_drain(queues: TestQueues, fault_table: Fault
     check(result, sim, allowed_duplicates=min(WINDOW, unanswered(metrics)))
 
 
-async def test_connection_cut_twice_mid_drain(queues: TestQueues, broker_url: str, fault_table: FaultTable) -> None:
+async def test_connection_cut_twice_mid_drain(queues: ScenarioQueues, broker_url: str, fault_table: FaultTable) -> None:
     details = 4000
     sim = Simulator(tasks=details, seed=102)
     metrics = Metrics()
@@ -170,7 +170,7 @@ async def test_connection_cut_twice_mid_drain(queues: TestQueues, broker_url: st
     reason="bug: after a confirm timeout the publisher keeps publishing into the stalled connection, so every "
     "round of timeouts leaves another copy of each detail (bridge/publisher.py, PublishOutcome.TIMEOUT)",
 )
-async def test_connection_stalled_mid_drain(queues: TestQueues, broker_url: str, fault_table: FaultTable) -> None:
+async def test_connection_stalled_mid_drain(queues: ScenarioQueues, broker_url: str, fault_table: FaultTable) -> None:
     details = 4000
     sim = Simulator(tasks=details, seed=103)
     metrics = Metrics()
@@ -206,7 +206,7 @@ async def test_broker_refusing_publishes_until_the_queue_is_drained(
     sim = Simulator(tasks=details, seed=110)
     metrics = Metrics()
     refusing = {"x-max-length": room, "x-overflow": "reject-publish"}
-    async with test_queues(broker_url, exchange_name, arguments=refusing) as queues:
+    async with scenario_queues(broker_url, exchange_name, arguments=refusing) as queues:
         started = time.monotonic()
         async with draining(settings_for(queues), sim, metrics) as drain:
             await eventually(lambda: publishes(metrics, "nack") >= 100, what="the full queue refuses publishes")
@@ -229,7 +229,7 @@ async def test_broker_refusing_publishes_until_the_queue_is_drained(
 
 
 async def test_sigkill_mid_drain_then_started_again(
-    queues: TestQueues, fault_table: FaultTable, tmp_path: Path
+    queues: ScenarioQueues, fault_table: FaultTable, tmp_path: Path
 ) -> None:
     details = 4000
     sim = Simulator(tasks=details, seed=104)
@@ -259,7 +259,7 @@ async def test_sigkill_mid_drain_then_started_again(
 
 
 async def test_sigterm_mid_drain_then_started_again(
-    queues: TestQueues, fault_table: FaultTable, tmp_path: Path
+    queues: ScenarioQueues, fault_table: FaultTable, tmp_path: Path
 ) -> None:
     details = 4000
     sim = Simulator(tasks=details, seed=105)
@@ -300,7 +300,7 @@ async def test_sigterm_mid_drain_then_started_again(
 # --- the upstream --------------------------------------------------------------------------------------------
 
 
-async def test_upstream_errors_and_latency(queues: TestQueues, fault_table: FaultTable) -> None:
+async def test_upstream_errors_and_latency(queues: ScenarioQueues, fault_table: FaultTable) -> None:
     details = 3000
     # 20% of requests fail: 503 ServiceUnavailable, 400 Throttling and 500 InternalError, after 30 ms.
     faults = Faults(latency_s=0.03, unavailable_ratio=0.07, throttling_ratio=0.07, internal_error_ratio=0.06)
@@ -322,7 +322,9 @@ async def test_upstream_errors_and_latency(queues: TestQueues, fault_table: Faul
     check(result, sim)
 
 
-async def test_upstream_requests_hanging_past_the_client_timeout(queues: TestQueues, fault_table: FaultTable) -> None:
+async def test_upstream_requests_hanging_past_the_client_timeout(
+    queues: ScenarioQueues, fault_table: FaultTable
+) -> None:
     details = 3000
     # A hung request outlives the client's timeout; the simulator still carries it out afterwards.
     sim = Simulator(tasks=details, seed=107, faults=Faults(hang_ratio=0.1, hang_s=2.0))
@@ -344,7 +346,7 @@ async def test_upstream_requests_hanging_past_the_client_timeout(queues: TestQue
     check(result, sim)
 
 
-async def test_acknowledgements_failing_for_a_while(queues: TestQueues, fault_table: FaultTable) -> None:
+async def test_acknowledgements_failing_for_a_while(queues: ScenarioQueues, fault_table: FaultTable) -> None:
     details = 3000
     sim = Simulator(tasks=details, seed=108)
     metrics = Metrics()
@@ -370,7 +372,7 @@ async def test_acknowledgements_failing_for_a_while(queues: TestQueues, fault_ta
     check(result, sim)
 
 
-async def test_malformed_records(queues: TestQueues, fault_table: FaultTable) -> None:
+async def test_malformed_records(queues: ScenarioQueues, fault_table: FaultTable) -> None:
     details = 3000
     sim = Simulator(tasks=details, seed=109, faults=Faults(malformed_ratio=0.05))
     metrics = Metrics()
