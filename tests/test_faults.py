@@ -56,7 +56,6 @@ WINDOW = 128  # max_in_flight: publishes on the wire, awaiting the broker's answ
 # What one bridge holds at most: it polls again only once at most half a page is on its way (in flight, or
 # confirmed and not yet acknowledged), and a poll adds at most one page.
 OUTSTANDING_MAX = PAGE + PAGE // 2
-_START = "task-bridge started"
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +97,7 @@ def check(result: Tally, sim: Simulator, allowed_duplicates: int = 0) -> None:
     assert sim.pending_count == 0, "the drain did not finish"
     assert result.lost == 0, "details acknowledged upstream without an event"
     assert result.unacknowledged == 0, "events whose detail was never acknowledged"
-    assert result.misrouted == 0, "malformed records outside the invalid queue"
+    assert result.misrouted == 0, "the invalid queue should hold exactly the malformed records"
     if result.duplicates > allowed_duplicates:
         raise TooManyDuplicates(f"{result.duplicates} duplicates, at most {allowed_duplicates} allowed")
 
