@@ -124,9 +124,24 @@ class Publisher:
         self._metrics.broker_connected.set(0)
         if connection is not None and not connection.is_closed:
             try:
-                await connection.close()
+                # A stalled connection would never answer Connection.Close.
+                await asyncio.wait_for(connection.close(), self._settings.publish_timeout_s)
             except Exception as exc:  # closing a broken connection must not mask the original failure
                 log.debug("error while closing the broker connection", extra={"reason": self._describe(exc)})
+
+    def _abandon_connection(self) -> None:
+        """Stop publishing into a connection whose confirms no longer come back; the loop reconnects.
+
+        A confirm that never arrived means a stalled link or a stuck broker: publishing the same details again
+        on that connection would only pile up copies that land once the bytes flow again.
+        """
+        if not self._disconnected.is_set():
+            log.warning(
+                "publish confirm timed out; reopening the broker connection",
+                extra={"timeout_s": self._settings.publish_timeout_s},
+            )
+            self._disconnected.set()
+            self._metrics.broker_connected.set(0)
 
     def _describe(self, exc: BaseException) -> str:
         """One line about a broker error, without the AMQP URL's password."""
@@ -168,6 +183,7 @@ class Publisher:
         except aiormq.exceptions.PublishError:
             return PublishOutcome.RETURNED
         except TimeoutError:
+            self._abandon_connection()
             return PublishOutcome.TIMEOUT
         except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
             log.debug("publish failed on a closed channel", extra={"reason": self._describe(exc)})

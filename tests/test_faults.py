@@ -163,12 +163,6 @@ async def test_connection_cut_twice_mid_drain(queues: ScenarioQueues, broker_url
     check(result, sim, allowed_duplicates=min(2 * WINDOW, unanswered(metrics)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TooManyDuplicates,
-    reason="bug: after a confirm timeout the publisher keeps publishing into the stalled connection, so every "
-    "round of timeouts leaves another copy of each detail (bridge/publisher.py, PublishOutcome.TIMEOUT)",
-)
 async def test_connection_stalled_mid_drain(queues: ScenarioQueues, broker_url: str, fault_table: FaultTable) -> None:
     details = 4000
     sim = Simulator(tasks=details, seed=103)
