@@ -66,6 +66,8 @@ def bridge_env(settings: Settings) -> dict[str, str]:
             "BRIDGE_BACKOFF_MAX_SECONDS": str(settings.backoff_max_s),
             "BRIDGE_REQUEST_TIMEOUT_SECONDS": str(settings.request_timeout_s),
             "BRIDGE_SHUTDOWN_TIMEOUT_SECONDS": str(settings.shutdown_timeout_s),
+            "BRIDGE_PUBLISH_TIMEOUT_SECONDS": str(settings.publish_timeout_s),
+            "BRIDGE_ONCE_DEADLINE_SECONDS": str(settings.once_deadline_s),
             "BRIDGE_MAX_IN_FLIGHT": str(settings.max_in_flight),
             "BRIDGE_ACK_BATCH_SIZE": str(settings.ack_batch_size),
         }
