@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
+from _procs import PhaseError
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge.topology import declare
@@ -22,6 +23,8 @@ __all__ = ["BenchBroker", "bench_broker"]
 
 _CONNECT_TIMEOUT_S = 15.0
 _CLEANUP_PATIENCE_S = 90.0  # a broker restarted by someone else's test is back within that
+# A RuntimeError too: aiormq raises ChannelInvalidStateError (a RuntimeError) on a channel the broker closed.
+_BROKER_ERRORS = (OSError, aiormq.exceptions.AMQPError, RuntimeError, TimeoutError)
 
 
 class BenchBroker:
@@ -37,31 +40,23 @@ class BenchBroker:
 
     async def _open(self) -> AbstractChannel:
         # Reopened when closed: other work on the same broker may restart it between two phases.
-        if self._connection is None or self._connection.is_closed:
-            self._connection = await aio_pika.connect(self.url, timeout=_CONNECT_TIMEOUT_S)
-            self._channel = None
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
+        try:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await aio_pika.connect(self.url, timeout=_CONNECT_TIMEOUT_S)
+                self._channel = None
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._connection.channel()
+        except Exception:
+            # A connection can look open after the broker dropped it: start afresh next time.
+            await self.close()
+            raise
         return self._channel
 
-    async def _open_patiently(self) -> None:
-        deadline = time.monotonic() + _CLEANUP_PATIENCE_S
-        while True:
-            try:
-                await self._open()
-                return
-            except (OSError, aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    names = ", ".join(self._queues + self._exchanges)
-                    raise RuntimeError(
-                        f"cannot reach the broker to delete the bench's objects ({names}): {exc}"
-                    ) from None
-                await asyncio.sleep(2)
-
     async def close(self) -> None:
-        if self._connection is not None and not self._connection.is_closed:
-            await self._connection.close()
-        self._connection = self._channel = None
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     def name(self, phase: str) -> str:
         """A unique exchange name for ``phase`` (``bench.<run id>.<phase>``)."""
@@ -98,22 +93,29 @@ class BenchBroker:
         return await aio_pika.connect(self.url, timeout=_CONNECT_TIMEOUT_S)
 
     async def cleanup(self) -> None:
-        """Delete every queue and exchange this bench declared (best effort: one channel per deletion)."""
-        if not self._queues and not self._exchanges:
-            return
-        await self._open_patiently()
-        assert self._connection is not None
+        """Delete every queue and exchange this bench declared; raise ``PhaseError`` naming what is left.
+
+        Patient: a broker restarted by someone else's test is waited for (durable objects survive it).
+        """
+        deadline = time.monotonic() + _CLEANUP_PATIENCE_S
         for kind, names in (("queue", self._queues), ("exchange", self._exchanges)):
-            for name in names:
-                with contextlib.suppress(Exception):
-                    channel = await self._connection.channel()
+            while names:
+                try:
+                    await self._open()
+                    assert self._connection is not None
+                    channel = await self._connection.channel()  # its own channel: a failure closes it
                     if kind == "queue":
-                        await channel.queue_delete(name)
+                        await channel.queue_delete(names[0])
                     else:
-                        await channel.exchange_delete(name)
+                        await channel.exchange_delete(names[0])
                     await channel.close()
-        self._queues.clear()
-        self._exchanges.clear()
+                    names.pop(0)
+                except _BROKER_ERRORS as exc:
+                    await self.close()
+                    if time.monotonic() > deadline:
+                        left = ", ".join(self._queues + self._exchanges)
+                        raise PhaseError(f"cannot delete the bench's broker objects ({left}): {exc}") from None
+                    await asyncio.sleep(2)
 
 
 @contextlib.asynccontextmanager

@@ -209,7 +209,7 @@ def _notes(results: dict[str, Any]) -> list[str]:
             )
     rss = results.get("rss")
     if rss is not None and rss.get("reduced"):
-        notes.append(f"--quick: the large RSS run drains {_n(rss['large']['details'])} details instead of 100,000.")
+        notes.append(f"Reduced run: the large RSS run drains {_n(rss['large']['details'])} details, not 100,000.")
     steady = results.get("steady")
     if steady is not None and _problem(steady) is None and steady["samples"]:
         notes.append(

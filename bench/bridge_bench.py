@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -155,7 +156,44 @@ async def _phase(name: str, results: dict[str, Any], run: Callable[[], Awaitable
     print(f"[bench] {name}: {state} ({took:.1f} s)", file=sys.stderr, flush=True)
 
 
+async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Run the chosen phases in order, each into ``results[phase]`` (an ``error`` entry when it failed)."""
+
+    async def drained(phase: str, details: int, latency_ms: float = 0.0, page_size: int = 1000) -> dict[str, Any]:
+        result = await drain(
+            broker, workdir, phase=phase, details=details, seed=args.seed, latency_ms=latency_ms, page_size=page_size
+        )
+        return _drain_figures(result)
+
+    async def latency() -> dict[str, Any]:
+        figures = await drained("latency", args.latency_details, args.latency_ms, args.latency_page_size)
+        figures["bound_per_s"] = figures["page_size"] / (args.latency_ms / 1000)
+        return figures
+
+    async def rss() -> dict[str, Any]:
+        small = await drained("rss-small", args.rss_small)
+        large = await drained("rss-large", args.rss_large)
+        return {"small": small, "large": large, "reduced": args.rss_large < 100_000}
+
+    phases = args.phases
+    if "raw" in phases:
+        await _phase("raw", results, lambda: _raw(broker, workdir, args))
+    if "drain" in phases:
+        await _phase("startup", results, lambda: drained("startup", 0))
+        await _phase("drain", results, lambda: drained("drain", args.details))
+    if "latency" in phases:
+        await _phase("latency", results, latency)
+    if "rss" in phases:
+        await _phase("rss", results, rss)
+    if "steady" in phases:
+        await _phase("steady", results, lambda: _steady(broker, workdir, args))
+
+
 async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    # SIGTERM stops the bench like Ctrl-C does: the finally blocks stop the children and delete the objects.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     url = os.environ.get("BRIDGE_AMQP_URL") or DEFAULT_AMQP_URL
     results: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -168,37 +206,11 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "platform": platform.platform(),
         },
     }
-    phases = args.phases
-    seed = args.seed
-    async with bench_broker(url) as broker:
-
-        async def drained(phase: str, details: int, latency_ms: float = 0.0, page_size: int = 1000) -> dict[str, Any]:
-            result = await drain(
-                broker, workdir, phase=phase, details=details, seed=seed, latency_ms=latency_ms, page_size=page_size
-            )
-            return _drain_figures(result)
-
-        async def latency() -> dict[str, Any]:
-            figures = await drained("latency", args.latency_details, args.latency_ms, args.latency_page_size)
-            figures["bound_per_s"] = figures["page_size"] / (args.latency_ms / 1000)
-            return figures
-
-        async def rss() -> dict[str, Any]:
-            small = await drained("rss-small", args.rss_small)
-            large = await drained("rss-large", args.rss_large)
-            return {"small": small, "large": large, "reduced": args.rss_large < 100_000 and args.quick}
-
-        if "raw" in phases:
-            await _phase("raw", results, lambda: _raw(broker, workdir, args))
-        if "drain" in phases:
-            await _phase("startup", results, lambda: drained("startup", 0))
-            await _phase("drain", results, lambda: drained("drain", args.details))
-        if "latency" in phases:
-            await _phase("latency", results, latency)
-        if "rss" in phases:
-            await _phase("rss", results, rss)
-        if "steady" in phases:
-            await _phase("steady", results, lambda: _steady(broker, workdir, args))
+    try:
+        async with bench_broker(url) as broker:
+            await _phases(broker, workdir, args, results)
+    except PhaseError as exc:  # the final cleanup failed: the figures are still worth printing
+        results["cleanup"] = {"error": str(exc)}
     results["machine"]["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return results
 
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = not failed
         if failed:
             print(f"phases without a valid figure: {', '.join(failed)}; logs in {workdir}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"interrupted; logs in {workdir}", file=sys.stderr)
         return 130
     finally:
