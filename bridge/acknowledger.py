@@ -9,6 +9,7 @@ brings it back, so a failing acknowledgement never causes a second event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +20,10 @@ from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.upstream import UpstreamClient
 
-__all__ = ["Acknowledger"]
+__all__ = ["ACK_LINGER_S", "Acknowledger"]
+
+# How long a partial batch waits for more confirms before it is sent anyway.
+ACK_LINGER_S = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class Acknowledger:
         self._recent: set[str] = set()  # acknowledged since the current poll started
         self._retry_at = 0.0
         self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._failure: FatalUpstreamError | None = None
@@ -61,6 +66,8 @@ class Acknowledger:
         self._pending[detail_no] = None
         self._changed()
         self._wakeup.set()
+        if len(self._pending) >= self._batch_size:
+            self._full.set()
 
     def holds(self, detail_no: str) -> bool:
         """True while ``detail_no`` is confirmed and not yet known to be acknowledged upstream."""
@@ -99,6 +106,13 @@ class Acknowledger:
                     await asyncio.sleep(delay)
                     continue
                 await self._slots.acquire()
+                if len(self._pending) < self._batch_size:
+                    # A call costs far more than an id in it: let confirms arriving right behind this one fill
+                    # the batch (each confirm would otherwise leave in a call of its own).
+                    self._full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(ACK_LINGER_S):
+                            await self._full.wait()
                 if not self._pending:
                     self._slots.release()
                     continue

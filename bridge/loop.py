@@ -80,11 +80,12 @@ class BridgeLoop:
         self._publisher = publisher
         self._metrics = metrics
         self._progress_event = asyncio.Event()
+        self._wake_at_outstanding = -1  # wake the poll loop once outstanding <= this (-1: nobody waits)
         self.acknowledger = Acknowledger(
             upstream,
             settings,
             metrics,
-            on_progress=self._progress_event.set,
+            on_progress=self._settled,
             on_acknowledged=self._count_acknowledged,
         )
         self.progress = Progress()
@@ -148,8 +149,7 @@ class BridgeLoop:
             if stop.is_set():
                 break
             # Poll when at most half a page is still on its way, so the next page is mostly new details.
-            while self.outstanding > page_size // 2 and not stop.is_set():
-                await self._wait_progress(stop, self._settings.poll_interval_s)
+            await self._wait_outstanding(stop, page_size // 2)
             self.acknowledger.poll_started()
             page = await self._until_stopped(stop, self._poll(once))
             if page is None:
@@ -166,12 +166,10 @@ class BridgeLoop:
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
             elif full or not self.outstanding:
                 # Everything on the page is on its way: poll again once some of it has settled.
-                if self.outstanding:
-                    await self._wait_progress(stop, self._settings.poll_interval_s)
+                await self._wait_outstanding(stop, self.outstanding - 1)
             elif once:
                 # The backlog ends on this page: poll again (to confirm it is drained) once all of it settled.
-                while self.outstanding and not stop.is_set():
-                    await self._wait_progress(stop, self._settings.poll_interval_s)
+                await self._wait_outstanding(stop, 0)
             else:
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
 
@@ -254,7 +252,7 @@ class BridgeLoop:
             # One summary line per pause (see _pause_after_publish_failures); per detail only when debugging.
             log.debug("publish not confirmed", extra={"detail_no": detail_no, "outcome": outcome.value})
         self._in_flight.discard(detail_no)
-        self._progress_event.set()
+        self._settled()
 
     def _unusable_record(self, record: RawRecord) -> None:
         text = json.dumps(record.raw, sort_keys=True, ensure_ascii=False, default=str)
@@ -332,9 +330,20 @@ class BridgeLoop:
         return False
 
     # --- waiting helpers ---
-    async def _wait_progress(self, stop: asyncio.Event, timeout_s: float) -> None:
-        self._progress_event.clear()
-        await self._until_stopped(stop, self._progress_event.wait(), timeout_s)
+    def _settled(self) -> None:
+        """A detail moved on (publish answered, acknowledgement changed): wake the poll loop if it waits for that."""
+        if 0 <= self.outstanding <= self._wake_at_outstanding:
+            self._progress_event.set()
+
+    async def _wait_outstanding(self, stop: asyncio.Event, at_most: int) -> None:
+        """Wait until at most ``at_most`` details are on their way (or stop); wakes only when that is true."""
+        at_most = max(0, at_most)
+        while self.outstanding > at_most and not stop.is_set():
+            self._wake_at_outstanding = at_most
+            self._progress_event.clear()
+            # The timeout is a safety net; the wake-up comes from _settled.
+            await self._until_stopped(stop, self._progress_event.wait(), self._settings.poll_interval_s)
+        self._wake_at_outstanding = -1
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         await self._until_stopped(stop, asyncio.sleep(seconds))
