@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -33,9 +34,19 @@ def broker_url() -> str:
 
 
 @pytest.fixture
-def exchange_name() -> str:
-    """A unique exchange name per test, so tests never see each other's topology."""
-    return f"test.{uuid.uuid4().hex[:12]}"
+async def exchange_name() -> AsyncIterator[str]:
+    """A unique exchange name per test; whatever a bridge declared under it is deleted afterwards."""
+    name = f"test.{uuid.uuid4().hex[:12]}"
+    yield name
+    # Quorum queues left behind would pile up on the shared broker run after run.
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(AMQP_URL, timeout=5)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (f"{name}.unrouted", f"{name}.invalid"):
+                await channel.queue_delete(queue)
+            for exchange in (name, f"{name}.unrouted", f"{name}.invalid"):
+                await channel.exchange_delete(exchange)
 
 
 @pytest.fixture
