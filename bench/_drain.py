@@ -7,6 +7,7 @@ invalid or unrouted side queues). An invalid drain keeps its numbers but carries
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +61,12 @@ async def drain(
     seed: int,
     latency_ms: float = 0.0,
     page_size: int = 1000,
+    bridge: Sequence[str] = BRIDGE_COMMAND,
 ) -> Drain:
-    """Drain a backlog of ``details`` with ``task-bridge run --once``; raise ``PhaseError`` if it cannot run."""
+    """Drain a backlog of ``details`` with ``task-bridge run --once``; raise ``PhaseError`` if it cannot run.
+
+    ``bridge`` is the command that starts task-bridge (another build can be compared with the same bench).
+    """
     exchange = broker.name(phase)
     try:
         queue = await broker.bridge_topology(exchange)
@@ -70,7 +75,7 @@ async def drain(
             env = bridge_env(endpoint=sim.url, amqp_url=broker.url, exchange=exchange, page_size=str(page_size))
             log_path = workdir / f"{phase}.bridge.log"
             with log_path.open("wb") as log:
-                child = Child([*BRIDGE_COMMAND, "run", "--once"], env=env, cwd=workdir, stdout=log, stderr=log)
+                child = Child([*bridge, "run", "--once"], env=env, cwd=workdir, stdout=log, stderr=log)
             try:
                 # Generous: a healthy drain runs at thousands per second; a stuck one must not hang the bench.
                 exit = await child.wait(timeout_s=120 + details / 200)

@@ -175,6 +175,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"{machine['load_end']} at the end; broker {results['broker']}; Python {machine['python']}; "
         f"{results['started']}.",
     ]
+    command = results["args"].get("bridge_command")
+    if command:
+        notes.append(f"task-bridge started as `{command}` (not this checkout's `python -m bridge`).")
     startup = results.get("startup")
     if startup is not None and _problem(startup) is None:
         notes.append(

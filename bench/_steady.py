@@ -14,6 +14,7 @@ import asyncio
 import signal
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ async def steady(
     warmup_s: float,
     poll_interval_s: float,
     seed: int,
+    bridge: Sequence[str] = BRIDGE_COMMAND,
 ) -> Steady:
     """Run the bridge for ``warmup_s + duration_s`` against a trickle of ``rate_per_s`` details."""
     exchange = broker.name("steady")
@@ -93,6 +95,7 @@ async def steady(
             sim = await start_simulator(workdir, tasks=0, seed=seed, log_name="steady.sim")
             try:
                 result = await _trickle(
+                    [*bridge, "run"],
                     sim.url,
                     workdir,
                     env=bridge_env(
@@ -117,6 +120,7 @@ async def steady(
 
 
 async def _trickle(
+    argv: list[str],
     url: str,
     workdir: Path,
     *,
@@ -129,7 +133,7 @@ async def _trickle(
 ) -> Steady:
     log_path = workdir / "steady.bridge.log"
     with log_path.open("wb") as log:
-        child = Child([*BRIDGE_COMMAND, "run"], env=env, cwd=workdir, stdout=log, stderr=log)
+        child = Child(argv, env=env, cwd=workdir, stdout=log, stderr=log)
     exited = asyncio.create_task(child.wait(timeout_s=warmup_s + duration_s + 600))
     sent: dict[str, float] = {}
     rtts: list[float] = []

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -44,7 +45,7 @@ import aiormq
 import httpx
 from _broker import BenchBroker, bench_broker
 from _drain import Drain, drain, log_tail
-from _procs import Child, PhaseError
+from _procs import BRIDGE_COMMAND, Child, PhaseError
 from _report import render
 from _steady import steady
 
@@ -129,6 +130,7 @@ async def _steady(broker: BenchBroker, workdir: Path, args: argparse.Namespace) 
         warmup_s=args.steady_warmup,
         poll_interval_s=1.0,
         seed=args.seed,
+        bridge=args.bridge,
     )
     return {
         "rate_per_s": result.rate_per_s,
@@ -161,7 +163,14 @@ async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, 
 
     async def drained(phase: str, details: int, latency_ms: float = 0.0, page_size: int = 1000) -> dict[str, Any]:
         result = await drain(
-            broker, workdir, phase=phase, details=details, seed=args.seed, latency_ms=latency_ms, page_size=page_size
+            broker,
+            workdir,
+            phase=phase,
+            details=details,
+            seed=args.seed,
+            latency_ms=latency_ms,
+            page_size=page_size,
+            bridge=args.bridge,
         )
         return _drain_figures(result)
 
@@ -232,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steady-rate", type=float, default=20.0, help="details added per second")
     parser.add_argument("--steady-seconds", type=float, default=None, help="measured time (45 s; 15 with --quick)")
     parser.add_argument("--steady-warmup", type=float, default=None, help="left out at the start (5 s; 3 s quick)")
+    parser.add_argument(
+        "--bridge-command",
+        default=None,
+        help="command that starts task-bridge, to compare another build (default: this Python -m bridge)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     return parser
 
@@ -243,6 +257,7 @@ def _complete(args: argparse.Namespace) -> argparse.Namespace:
     args.rss_large = args.rss_large or (30_000 if quick else 100_000)
     args.steady_seconds = args.steady_seconds or (15.0 if quick else 45.0)
     args.steady_warmup = args.steady_warmup if args.steady_warmup is not None else (3.0 if quick else 5.0)
+    args.bridge = shlex.split(args.bridge_command) if args.bridge_command else BRIDGE_COMMAND
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
