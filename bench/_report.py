@@ -203,6 +203,12 @@ def _notes(results: dict[str, Any]) -> list[str]:
             f"per page moves at most P / L details/s (its acknowledgements overlap with the next poll): "
             f"{latency['page_size']} / {latency['latency_ms'] / 1000:g} s = {_n(bound)}/s."
         )
+        if "ack_bound_per_s" in latency:
+            notes.append(
+                f"Acknowledgements have a bound of their own: ack_concurrency x ack_batch_size / L = "
+                f"{latency['ack_concurrency']} x {latency['ack_batch_size']} / {latency['latency_ms'] / 1000:g} s "
+                f"= {_n(latency['ack_bound_per_s'])}/s."
+            )
         raw = results.get("raw")
         if raw is not None and _problem(raw) is None and bound > raw["rate_per_s"]:
             notes.append(

@@ -49,6 +49,8 @@ from _procs import BRIDGE_COMMAND, Child, PhaseError
 from _report import render
 from _steady import steady
 
+from bridge.settings import Settings
+
 __all__ = ["main"]
 
 HERE = Path(__file__).resolve().parent
@@ -176,7 +178,13 @@ async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, 
 
     async def latency() -> dict[str, Any]:
         figures = await drained("latency", args.latency_details, args.latency_ms, args.latency_page_size)
-        figures["bound_per_s"] = figures["page_size"] / (args.latency_ms / 1000)
+        latency_s = args.latency_ms / 1000
+        figures["bound_per_s"] = figures["page_size"] / latency_s
+        # The bridge's defaults (the latency run sets neither): each acknowledgement call also waits L.
+        concurrency, batch = (Settings.model_fields[f].default for f in ("ack_concurrency", "ack_batch_size"))
+        figures.update(
+            ack_concurrency=concurrency, ack_batch_size=batch, ack_bound_per_s=concurrency * batch / latency_s
+        )
         return figures
 
     async def rss() -> dict[str, Any]:
