@@ -77,7 +77,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             ratio = drain["rate_per_s"] / raw["rate_per_s"] if raw_ok else None
             measured = f"{_n(drain['rate_per_s'])} details/s in {drain['wall_s']:.2f} s"
             if ratio is not None:
-                measured += f" = {ratio:.2f} x raw"
+                measured += f" = {ratio:.3f} x raw"
             out.append(
                 Row(
                     what,
@@ -89,7 +89,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             cpu_ratio = drain["cpu_per_10k_s"] / raw["cpu_per_10k_s"] if raw_ok else None
             measured = f"{drain['cpu_per_10k_s']:.2f} s"
             if cpu_ratio is not None:
-                measured += f" vs raw {raw['cpu_per_10k_s']:.2f} s = {cpu_ratio:.2f} x"
+                measured += f" vs raw {raw['cpu_per_10k_s']:.2f} s = {cpu_ratio:.3f} x"
             out.append(
                 Row(
                     "CPU seconds per 10k events (bridge process, startup included)",
@@ -110,7 +110,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             out.append(Row(what, problem, target, "**FAIL**"))
         else:
             ratio = latency["rate_per_s"] / latency["bound_per_s"]
-            measured = f"{_n(latency['rate_per_s'])} details/s = {ratio:.2f} x P/L ({_n(latency['bound_per_s'])}/s)"
+            measured = f"{_n(latency['rate_per_s'])} details/s = {ratio:.3f} x P/L ({_n(latency['bound_per_s'])}/s)"
             if raw_ok and raw["rate_per_s"] < latency["bound_per_s"]:
                 # Above the broker's ceiling the round trips do not bind: say how close it came to what does.
                 measured += f"; {latency['rate_per_s'] / raw['rate_per_s']:.2f} x min(P/L, raw)"
@@ -175,6 +175,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"{machine['load_end']} at the end; broker {results['broker']}; Python {machine['python']}; "
         f"{results['started']}.",
     ]
+    if machine.get("env"):
+        shown = " ".join(f"{k}={v}" for k, v in sorted(machine["env"].items()))
+        notes.append(f"Run with `{shown}` in the environment of every process.")
     command = results["args"].get("bridge_command")
     if command:
         notes.append(f"task-bridge started as `{command}` (not this checkout's `python -m bridge`).")

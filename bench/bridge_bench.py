@@ -221,6 +221,8 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            # Variables that change how the children run (allocator, interpreter): a result names them.
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHON"))},
         },
     }
     try:
