@@ -161,12 +161,13 @@ async def _trickle(
             # A 0.1 s check is plenty here: this wait is not part of any figure.
             while any(d not in received for d in sent) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
+            child.signal(signal.SIGTERM)  # a graceful stop, as an orchestrator would ask
+            try:
+                exit = await asyncio.wait_for(exited, _STOP_TIMEOUT_S)
+            except TimeoutError:
+                raise PhaseError(f"the bridge did not stop within {_STOP_TIMEOUT_S:g} s of SIGTERM") from None
+            # Only now: acknowledgements trail the events (they linger to fill a batch); a stop finishes them.
             state = (await http.get("/_state")).json()
-        child.signal(signal.SIGTERM)  # a graceful stop, as an orchestrator would ask
-        try:
-            exit = await asyncio.wait_for(exited, _STOP_TIMEOUT_S)
-        except TimeoutError:
-            raise PhaseError(f"the bridge did not stop within {_STOP_TIMEOUT_S:g} s of SIGTERM") from None
     finally:
         child.stop()
         if not exited.done():

@@ -222,7 +222,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "python": platform.python_version(),
             "platform": platform.platform(),
             # Variables that change how the children run (allocator, interpreter): a result names them.
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHON"))},
+            "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "PYTHONMALLOC"},
         },
     }
     try:
