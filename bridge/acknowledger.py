@@ -57,7 +57,6 @@ class Acknowledger:
         self._idle.set()
         self._failure: FatalUpstreamError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.failing_since: float | None = None
         metrics.confirmed_unacknowledged.set_function(lambda: self.outstanding)
 
     # --- bookkeeping used by the run loop ---
@@ -168,7 +167,6 @@ class Acknowledger:
                     },
                 )
             self._backoff.reset()
-            self.failing_since = None
         finally:
             self._slots.release()
 
@@ -190,8 +188,6 @@ class Acknowledger:
         hint = exc.retry_after_s if isinstance(exc, ThrottledError) else None
         delay = self._backoff.next_delay(hint)
         self._retry_at = max(self._retry_at, time.monotonic() + delay)
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
         log.warning(
             "acknowledgement failed; retrying without publishing again",
             extra={"error": str(exc), "retry_in_s": round(delay, 3), "held": self.outstanding},
