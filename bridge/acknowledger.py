@@ -78,7 +78,13 @@ class Acknowledger:
 
     @property
     def outstanding(self) -> int:
+        """Confirmed ids not yet known to be acknowledged: waiting for a call, or in one."""
         return len(self._pending) + len(self._sending)
+
+    @property
+    def unsent(self) -> int:
+        """Confirmed ids waiting for an acknowledgement call to start."""
+        return len(self._pending)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is outstanding; False when ``timeout_s`` passed first."""

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from bridge.acknowledger import Acknowledger
@@ -80,7 +80,7 @@ class BridgeLoop:
         self._publisher = publisher
         self._metrics = metrics
         self._progress_event = asyncio.Event()
-        self._wake_at_outstanding = -1  # wake the poll loop once outstanding <= this (-1: nobody waits)
+        self._wake_when: Callable[[], bool] | None = None  # what the waiting poll loop waits for
         self.acknowledger = Acknowledger(
             upstream,
             settings,
@@ -149,7 +149,9 @@ class BridgeLoop:
             if stop.is_set():
                 break
             # Poll when at most half a page is still on its way, so the next page is mostly new details.
-            await self._wait_outstanding(stop, page_size // 2)
+            # Ids already sent in an acknowledgement do not count: it reaches the upstream before this poll
+            # (and should it not, the page brings them back as known ones, which are skipped).
+            await self._wait_until(stop, lambda: len(self._in_flight) + self.acknowledger.unsent <= page_size // 2)
             self.acknowledger.poll_started()
             page = await self._until_stopped(stop, self._poll(once))
             if page is None:
@@ -166,10 +168,10 @@ class BridgeLoop:
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
             elif full or not self.outstanding:
                 # Everything on the page is on its way: poll again once some of it has settled.
-                await self._wait_outstanding(stop, self.outstanding - 1)
+                await self._wait_until(stop, self._some_settled())
             elif once:
                 # The backlog ends on this page: poll again (to confirm it is drained) once all of it settled.
-                await self._wait_outstanding(stop, 0)
+                await self._wait_until(stop, lambda: self.outstanding == 0)
             else:
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
 
@@ -332,18 +334,22 @@ class BridgeLoop:
     # --- waiting helpers ---
     def _settled(self) -> None:
         """A detail moved on (publish answered, acknowledgement changed): wake the poll loop if it waits for that."""
-        if 0 <= self.outstanding <= self._wake_at_outstanding:
+        if self._wake_when is not None and self._wake_when():
             self._progress_event.set()
 
-    async def _wait_outstanding(self, stop: asyncio.Event, at_most: int) -> None:
-        """Wait until at most ``at_most`` details are on their way (or stop); wakes only when that is true."""
-        at_most = max(0, at_most)
-        while self.outstanding > at_most and not stop.is_set():
-            self._wake_at_outstanding = at_most
+    def _some_settled(self) -> Callable[[], bool]:
+        """A condition that holds once fewer details are on their way than now."""
+        before = self.outstanding
+        return lambda: self.outstanding < before
+
+    async def _wait_until(self, stop: asyncio.Event, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds (or stop); the loop is woken only when it does, not on every confirm."""
+        while not condition() and not stop.is_set():
+            self._wake_when = condition
             self._progress_event.clear()
             # The timeout is a safety net; the wake-up comes from _settled.
             await self._until_stopped(stop, self._progress_event.wait(), self._settings.poll_interval_s)
-        self._wake_at_outstanding = -1
+        self._wake_when = None
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         await self._until_stopped(stop, asyncio.sleep(seconds))
