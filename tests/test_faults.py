@@ -20,6 +20,7 @@ Each scenario adds a row to the table printed at the end of the run (and written
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -109,7 +110,9 @@ def log_tail(path: Path) -> str:
 # --- the broker and the network ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(RABBITMQCTL is None, reason="needs rabbitmqctl of the local broker")
+@pytest.mark.skipif(
+    RABBITMQCTL is None and os.environ.get("CI") != "true", reason="needs rabbitmqctl of the local broker"
+)
 @pytest.mark.usefixtures("broker_app_guard")
 async def test_broker_restarted_mid_drain(queues: ScenarioQueues, fault_table: FaultTable) -> None:
     details = 5000
