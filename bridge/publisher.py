@@ -26,7 +26,7 @@ from pamqp.commands import Basic
 from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.topology import Exchanges, declare
+from bridge.topology import declare
 
 __all__ = ["PublishOutcome", "Publishable", "Publisher"]
 
@@ -52,7 +52,10 @@ class Publishable(Protocol):
     @property
     def routing_key(self) -> str: ...
 
-    def message(self) -> aio_pika.Message: ...
+    @property
+    def body(self) -> bytes: ...
+
+    def properties(self) -> Basic.Properties: ...
 
 
 class Publisher:
@@ -65,7 +68,7 @@ class Publisher:
         self._in_flight = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchanges: Exchanges | None = None
+        self._amqp: aiormq.abc.AbstractChannel | None = None
         self._invalid_types: tuple[type, ...] = ()
         self._disconnected = asyncio.Event()
         self._disconnected.set()
@@ -96,7 +99,10 @@ class Publisher:
             ) from None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
-            exchanges = await declare(channel, self._settings.exchange)
+            await declare(channel, self._settings.exchange)
+            # Publishing goes through aio-pika's own protocol channel: the same frames, without building an
+            # aio_pika.Message per event (~7 µs each, a twentieth of the bridge's CPU per event).
+            amqp = await channel.get_underlay_channel()
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             await connection.close()
             raise BrokerError(
@@ -105,7 +111,7 @@ class Publisher:
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             await connection.close()
             raise BrokerUnavailableError(f"broker setup failed: {self._describe(exc)}") from None
-        self._connection, self._channel, self._exchanges = connection, channel, exchanges
+        self._connection, self._channel, self._amqp = connection, channel, amqp
         connection.close_callbacks.add(self._on_close)
         channel.close_callbacks.add(self._on_close)
         self._disconnected.clear()
@@ -119,7 +125,7 @@ class Publisher:
         self._metrics.broker_connected.set(0)
 
     async def close(self) -> None:
-        connection, self._connection, self._channel, self._exchanges = self._connection, None, None, None
+        connection, self._connection, self._channel, self._amqp = self._connection, None, None, None
         self._disconnected.set()
         self._metrics.broker_connected.set(0)
         if connection is not None and not connection.is_closed:
@@ -167,14 +173,16 @@ class Publisher:
         return outcome
 
     async def _publish(self, item: Publishable, invalid: bool) -> PublishOutcome:
-        exchanges = self._exchanges
-        if exchanges is None or not self.connected:
+        amqp = self._amqp
+        if amqp is None or not self.connected:
             return PublishOutcome.CLOSED
-        exchange = exchanges.invalid if invalid else exchanges.events
+        exchange = self._settings.invalid_exchange if invalid else self._settings.exchange
         try:
-            confirmation = await exchange.publish(
-                item.message(),
+            confirmation = await amqp.basic_publish(
+                item.body,
+                exchange=exchange,
                 routing_key=item.routing_key,
+                properties=item.properties(),
                 mandatory=True,
                 timeout=self._settings.publish_timeout_s,
             )

@@ -520,3 +520,13 @@ async def test_messages_round_trip_through_rabbitmq(broker_url: str, exchange_na
     assert got_invalid.timestamp is not None
     assert abs(got_invalid.timestamp - datetime.now(UTC)) < timedelta(minutes=1)
     assert got_invalid.body == invalid.body
+
+
+def test_properties_are_exactly_what_the_message_would_send() -> None:
+    # The publisher sends properties() directly; message() is what aio-pika users (and the contract) see.
+    event = convert(RawRecord(sample(), DETAIL_NO), source=SOURCE)
+    invalid = convert(RawRecord(sample(TaskStatusCode=3), DETAIL_NO), source=SOURCE)
+    assert isinstance(event, Event)
+    assert isinstance(invalid, InvalidRecord)
+    for item in (event, invalid):
+        assert item.properties() == item.message().properties
