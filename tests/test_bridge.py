@@ -223,6 +223,16 @@ async def test_once_gives_up_when_the_broker_stays_unavailable(exchange_name: st
     assert sim.acknowledged_count == 0
 
 
+async def test_once_gives_up_when_the_upstream_stays_unavailable(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=3, seed=13, faults=Faults(unavailable_ratio=1.0))
+    settings = bridge_settings(broker.exchange, broker_url, once_deadline_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="upstream unavailable"):
+        await run_once(settings, sim)
+    assert time.monotonic() - started < 10
+    assert sim.acknowledged_count == 0
+
+
 async def test_operator_port_reports_health_readiness_and_metrics(broker: Broker, broker_url: str) -> None:
     sim = Simulator(tasks=50, seed=12)
     settings = bridge_settings(broker.exchange, broker_url)
