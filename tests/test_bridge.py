@@ -245,3 +245,16 @@ async def test_operator_port_reports_health_readiness_and_metrics(broker: Broker
         assert 'bridge_events_published_total{outcome="ack"} 50.0' in text
         assert "bridge_broker_connected 1.0" in text
         assert settings.amqp_url.get_secret_value() not in text
+
+
+async def test_not_ready_while_the_broker_is_unreachable(exchange_name: str) -> None:
+    sim = Simulator(tasks=3, seed=14)
+    settings = bridge_settings(exchange_name, "amqp://guest:guest@127.0.0.1:1/")
+    async with running_bridge(settings, sim) as (app, _stop), httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{app.metrics_port}"
+        await asyncio.sleep(0.3)  # a few connection attempts with backoff
+        assert (await http.get(f"{base}/healthz")).status_code == 200
+        ready = await http.get(f"{base}/readyz")
+        assert ready.status_code == 503
+        assert "bridge_broker_connected 0.0" in (await http.get(f"{base}/metrics")).text
+    assert sim.acknowledged_count == 0
