@@ -86,7 +86,7 @@ def settings_result(settings: Settings) -> CheckResult:
 
 async def run_checks(settings: Settings, http: httpx.AsyncClient) -> list[CheckResult]:
     """Check the upstream, the broker and the topology (concurrently); results in report order."""
-    scrub = _scrubber(settings)
+    scrub = settings.scrub
     async with asyncio.TaskGroup() as group:
         upstream = group.create_task(_guarded("upstream", scrub, lambda: _check_upstream(settings, http)))
         broker = group.create_task(_check_broker(settings, scrub))
@@ -240,23 +240,3 @@ def _describe(exc: BaseException, scrub: Callable[[str], str]) -> str:
 def _one_line(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 1] + "…"
-
-
-def _scrubber(settings: Settings) -> Callable[[str], str]:
-    """Removes every secret of ``settings`` from a text (errors of foreign libraries may echo the URL)."""
-    url = settings.amqp_url.get_secret_value()
-    secrets = [url]
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if ":" in userinfo:
-        secrets.append(userinfo.split(":", 1)[1])
-    for value in (settings.access_key_secret, settings.security_token, settings.access_key_id):
-        if value is not None:
-            secrets.append(value.get_secret_value())
-    secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
-
-    def scrub(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    return scrub

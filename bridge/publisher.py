@@ -151,9 +151,7 @@ class Publisher:
 
     def _describe(self, exc: BaseException) -> str:
         """One line about a broker error, without the AMQP URL's password."""
-        text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        password = _password(self._settings.amqp_url.get_secret_value())
-        return text.replace(password, "***") if password else text
+        return self._settings.scrub(f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:300]
 
     async def publish(self, item: Publishable, *, invalid: bool = False) -> PublishOutcome:
         """Publish ``item`` (to the invalid exchange when ``invalid``) and wait for the broker's answer.
@@ -202,8 +200,3 @@ class Publisher:
             return PublishOutcome.NACK
         # With on_return_raises=False an unroutable message comes back as the returned message itself.
         return PublishOutcome.RETURNED
-
-
-def _password(url: str) -> str | None:
-    creds = url.partition("://")[2].rpartition("@")[0]
-    return creds.partition(":")[2] or None

@@ -239,6 +239,23 @@ class Settings(BaseSettings):
         user = creds.split(":", 1)[0]
         return f"{scheme}{sep}{user}:***@{host}"
 
+    def secret_values(self) -> list[str]:
+        """Every secret this configuration holds (the AMQP password alone too), longest first."""
+        url = self.amqp_url.get_secret_value()
+        values = [url]
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if ":" in userinfo:
+            values.append(userinfo.split(":", 1)[1])
+        values += [v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v is not None]
+        # Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
+        return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a foreign library's error, say) with every secret value replaced by ``***``."""
+        for secret in self.secret_values():
+            text = text.replace(secret, "***")
+        return text
+
     def require_credentials(self) -> None:
         """Raise :class:`SettingsError` when the access key pair is missing (needed by every upstream call)."""
         missing = [env_name(f) for f in ("access_key_id", "access_key_secret") if getattr(self, f) is None]

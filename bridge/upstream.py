@@ -133,12 +133,7 @@ class UpstreamClient:
         self._version = settings.api_version
         self._timeout_s = settings.request_timeout_s
         self._timeout = httpx.Timeout(settings.request_timeout_s)
-        self._secrets = _secret_forms(
-            [
-                settings.access_key_secret.get_secret_value(),
-                settings.security_token.get_secret_value() if settings.security_token is not None else "",
-            ]
-        )
+        self._secrets = _secret_forms(settings.secret_values())
         self._poll_filters = _poll_filters(settings)
 
     def __repr__(self) -> str:

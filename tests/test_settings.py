@@ -278,3 +278,20 @@ def test_env_name_is_a_variable_that_sets_each_field(monkeypatch: pytest.MonkeyP
         if str(getattr(Settings(), field)).removesuffix(".0") != value:
             wrong.append(env_name(field))
     assert wrong == []
+
+
+def test_scrub_removes_every_secret_value() -> None:
+    settings = Settings(
+        access_key_id="LTAI-visible-id",
+        access_key_secret="ak-secret-value",
+        security_token="sts-token-value",
+        amqp_url="amqp://bridge:amqp-pass-word@rabbit:5672/",
+    )
+    text = (
+        "failed: amqp://bridge:amqp-pass-word@rabbit:5672/ pw=amqp-pass-word secret=ak-secret-value "
+        "token=sts-token-value id=LTAI-visible-id"
+    )
+    scrubbed = settings.scrub(text)
+    for secret in ("amqp-pass-word", "ak-secret-value", "sts-token-value"):
+        assert secret not in scrubbed
+    assert "LTAI-visible-id" in scrubbed  # an access key id is not a secret
