@@ -70,22 +70,18 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._amqp: aiormq.abc.AbstractChannel | None = None
         self._invalid_types: tuple[type, ...] = ()
-        self._disconnected = asyncio.Event()
-        self._disconnected.set()
+        self._connected = False
         # Resolved once: a labels() lookup per publish is measurable at thousands of events per second.
         self._published = {outcome: metrics.events_published.labels(outcome.value) for outcome in PublishOutcome}
         metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
     def connected(self) -> bool:
-        return not self._disconnected.is_set()
+        return self._connected
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    async def wait_disconnected(self) -> None:
-        await self._disconnected.wait()
 
     async def connect(self) -> None:
         """Open the connection and confirm channel and declare the topology; raise :class:`BrokerError`."""
@@ -114,19 +110,19 @@ class Publisher:
         self._connection, self._channel, self._amqp = connection, channel, amqp
         connection.close_callbacks.add(self._on_close)
         channel.close_callbacks.add(self._on_close)
-        self._disconnected.clear()
+        self._connected = True
         self._metrics.broker_connected.set(1)
         log.info("broker connected", extra={"broker": self._settings.amqp_url_masked})
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
-        if not self._disconnected.is_set():
+        if self._connected:
             log.warning("broker connection lost", extra={"reason": self._describe(exc) if exc else "closed"})
-        self._disconnected.set()
+        self._connected = False
         self._metrics.broker_connected.set(0)
 
     async def close(self) -> None:
         connection, self._connection, self._channel, self._amqp = self._connection, None, None, None
-        self._disconnected.set()
+        self._connected = False
         self._metrics.broker_connected.set(0)
         if connection is not None and not connection.is_closed:
             try:
@@ -141,12 +137,12 @@ class Publisher:
         A confirm that never arrived means a stalled link or a stuck broker: publishing the same details again
         on that connection would only pile up copies that land once the bytes flow again.
         """
-        if not self._disconnected.is_set():
+        if self._connected:
             log.warning(
                 "publish confirm timed out; reopening the broker connection",
                 extra={"timeout_s": self._settings.publish_timeout_s},
             )
-            self._disconnected.set()
+            self._connected = False
             self._metrics.broker_connected.set(0)
 
     def _describe(self, exc: BaseException) -> str:
