@@ -179,6 +179,10 @@ class Publisher:
                 properties=item.properties(),
                 mandatory=True,
                 timeout=self._settings.publish_timeout_s,
+                # Do not hold the channel lock until the writer task has sent this message's frames: with
+                # wait=True every publish costs a writer round trip under the lock. The confirm (or the channel
+                # closing) still settles each publish, and the window bounds the write queue.
+                wait=False,
             )
         except aiormq.exceptions.DeliveryError:
             return PublishOutcome.NACK
