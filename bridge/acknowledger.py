@@ -41,7 +41,8 @@ class Acknowledger:
         on_acknowledged: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._upstream = upstream
-        self._batch_size = settings.ack_batch_size
+        self._batch_size = settings.ack_batch_size  # halved when the upstream refuses a call as too large
+        metrics.ack_batch_size.set(self._batch_size)
         self._slots = asyncio.Semaphore(settings.ack_concurrency)
         self._metrics = metrics
         self._on_progress = on_progress
@@ -150,6 +151,8 @@ class Acknowledger:
             self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)
+            elif self._shrink_after_refusal(exc, len(batch)):
+                pass  # the ids are back in the queue and leave at once in smaller calls
             else:
                 assert isinstance(exc, FatalUpstreamError)
                 self._failure = exc
@@ -189,6 +192,26 @@ class Acknowledger:
             self._pending = retry
             self._wakeup.set()
         self._changed()
+
+    def _shrink_after_refusal(self, exc: UpstreamError, size: int) -> bool:
+        """Halve the batch size when the upstream refused a call of ``size`` ids as too large; True if it did.
+
+        The upstream's limit of ids per call is undocumented. A refusal looks like HTTP 413 or 414, or 400 with an
+        ``InvalidParameter`` code; anything else, or a refused call of a single id, is not about the size.
+        """
+        code = exc.code or ""
+        refused = exc.status_code in (413, 414) or (exc.status_code == 400 and code.startswith("InvalidParameter"))
+        if not refused or size <= 1:
+            return False
+        smaller = max(1, size // 2)
+        if smaller < self._batch_size:
+            self._batch_size = smaller
+            self._metrics.ack_batch_size.set(smaller)
+            log.warning(
+                "upstream refused an acknowledgement of many ids; sending fewer per call",
+                extra={"error": str(exc), "refused_ids": size, "ack_batch_size": smaller},
+            )
+        return True
 
     def _schedule_retry(self, exc: RetryableUpstreamError) -> None:
         hint = exc.retry_after_s if isinstance(exc, ThrottledError) else None

@@ -76,6 +76,12 @@ class Metrics:
             "Details whose event the broker confirmed and that are not yet acknowledged upstream.",
             registry=r,
         )
+        self.ack_batch_size = Gauge(
+            "bridge_ack_batch_size",
+            "Most ids sent in one AcknowledgeTaskResult call: BRIDGE_ACK_BATCH_SIZE, halved while the upstream "
+            "refuses calls as too large.",
+            registry=r,
+        )
         self.upstream_backlog = Gauge(
             "bridge_upstream_backlog", "Pending details reported by the upstream (TotalItemNum).", registry=r
         )

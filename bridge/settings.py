@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     task_no: str | None = None
     user_client_ip: str | None = None
     page_size: int = Field(default=1000, ge=1, le=1000)
-    ack_batch_size: int = Field(default=100, ge=1, le=1000)
+    ack_batch_size: int = Field(default=500, ge=1, le=1000)
     ack_concurrency: int = Field(default=4, ge=1, le=64)
 
     # --- broker and event contract ---

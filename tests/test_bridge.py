@@ -138,7 +138,9 @@ async def test_upstream_errors_are_retried_with_nothing_lost(broker: Broker, bro
     queue = await broker.bind("all")
     metrics = Metrics()
 
-    assert await run_once(bridge_settings(broker.exchange, broker_url, page_size=250), sim, metrics)
+    # Small acknowledgement calls: enough requests that every kind of fault strikes.
+    settings = bridge_settings(broker.exchange, broker_url, page_size=250, ack_batch_size=50)
+    assert await run_once(settings, sim, metrics)
 
     assert sim.pending_count == 0
     assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in await broker.take(queue.name)])
@@ -184,6 +186,24 @@ async def test_failing_acknowledgements_cause_no_second_event(broker: Broker, br
     ids = [str(m.message_id) for m in await broker.take(queue.name)]
     assert len(ids) == 300
     assert_one_event_per_acknowledged(sim, ids)
+
+
+async def test_acknowledgements_refused_as_too_large_go_out_in_smaller_calls(broker: Broker, broker_url: str) -> None:
+    sim = Simulator(tasks=2000, seed=12, faults=Faults(ack_max_ids=120))
+    queue = await broker.bind("all")
+    metrics = Metrics()
+    settings = bridge_settings(broker.exchange, broker_url, page_size=1000, ack_batch_size=500)
+
+    assert await run_once(settings, sim, metrics)
+
+    assert sim.pending_count == 0
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert len(ids) == 2000
+    assert_one_event_per_acknowledged(sim, ids)
+    # Halved from 500 until a call fits: at most the limit, and at least half of a refused call (> 120 ids).
+    assert 60 <= sample(metrics, "bridge_ack_batch_size") <= 120
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="failed") > 0
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="confirmed") == 2000
 
 
 async def test_new_detail_is_published_within_the_poll_interval(broker: Broker, broker_url: str) -> None:

@@ -557,6 +557,18 @@ async def test_ack_failures_answer_503_and_remove_nothing() -> None:
     assert sim.ack_counts == dict.fromkeys(ids, 1)
 
 
+async def test_an_acknowledgement_over_the_id_limit_is_refused_and_removes_nothing() -> None:
+    sim = Simulator(tasks=5, faults=Faults(ack_max_ids=3))
+    async with asgi_client(sim, signer()) as client:
+        ids = detail_ids(await poll(client))
+        refused = await ack(client, ids)
+        assert_error(refused, 400, "InvalidParameter")
+        assert "5 ids in one request, at most 3" in refused.json()["Message"]
+        assert sim.pending_count == 5
+        assert (await ack(client, ids[:3])).json()["Result"] == 3
+    assert sim.pending_count == 2
+
+
 async def test_latency_delays_every_request() -> None:
     sim = Simulator(tasks=1, faults=Faults(latency_s=0.2))
     async with asgi_client(sim, signer()) as client:

@@ -275,6 +275,9 @@ class Simulator:
                 numbered.append((int(number), value))
         if not numbered:
             raise missing_parameter("TaskDetailNo")
+        limit = int(self.faults.ack_max_ids)
+        if limit and len(numbered) > limit:
+            raise invalid_parameter("TaskDetailNo", f"{len(numbered)} ids in one request, at most {limit} allowed")
         numbered.sort()
         removed = self._backlog.acknowledge(value for _, value in numbered)
         return _json({"RequestId": request_id, "Result": removed})

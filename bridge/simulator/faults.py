@@ -35,7 +35,9 @@ class Faults:
     The error ratios (``unavailable_ratio``, ``throttling_ratio``, ``internal_error_ratio``) are drawn together
     (their sum should stay <= 1); latency, hang and the error ratios only apply to ``actions``.
     ``malformed_ratio`` applies to details generated from now on; ``ack_failure_ratio`` answers that share of
-    AcknowledgeTaskResult calls with 503 (nothing removed), whatever ``actions`` says.
+    AcknowledgeTaskResult calls with 503 (nothing removed), whatever ``actions`` says. ``ack_max_ids`` (0: no
+    limit) answers an AcknowledgeTaskResult call carrying more ids with 400 ``InvalidParameter``, as a gateway
+    with a per-call limit would (the real limit is undocumented).
     """
 
     latency_s: float = 0.0
@@ -46,6 +48,7 @@ class Faults:
     hang_s: float = 30.0
     malformed_ratio: float = 0.0
     ack_failure_ratio: float = 0.0
+    ack_max_ids: float = 0.0
     actions: frozenset[str] = ACTIONS
 
     def to_dict(self) -> dict[str, Any]:
