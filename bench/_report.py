@@ -115,6 +115,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
             bound = min(latency["bound_per_s"], raw["rate_per_s"]) if raw_ok else latency["bound_per_s"]
             ratio = latency["rate_per_s"] / bound
             measured += f"; {ratio:.3f} x min(P/2L, raw)"
+            if drain is not None and _problem(drain) is None:
+                # What the round trips themselves cost: the same drain with no latency, same run.
+                measured += f"; {latency['rate_per_s'] / drain['rate_per_s']:.3f} x the drain without latency"
             out.append(Row(what, measured, target, _verdict(ratio >= TARGETS["latency_bound_min"])))
     rss = results.get("rss")
     if rss is not None:
@@ -217,8 +220,17 @@ def _notes(results: dict[str, Any]) -> list[str]:
         raw = results.get("raw")
         if raw is not None and _problem(raw) is None and bound > raw["rate_per_s"]:
             notes.append(
-                f"That bound is above the raw broker ceiling ({_n(raw['rate_per_s'])} msg/s), so here the broker "
+                f"The round-trip bound is above the raw broker ceiling ({_n(raw['rate_per_s'])} msg/s), so here the broker "
                 f"binds, not the round trips: the target is checked against min(P / 2L, raw)."
+            )
+        drain = results.get("drain")
+        if drain is not None and _problem(drain) is None and _problem(latency) is None:
+            kept = latency["rate_per_s"] / drain["rate_per_s"]
+            notes.append(
+                f"With {latency['latency_ms']:g} ms of latency the bridge keeps {kept:.0%} of its own rate without "
+                f"latency ({_n(latency['rate_per_s'])} vs {_n(drain['rate_per_s'])} details/s in this run): the "
+                f"round trips cost {max(0.0, 1 - kept):.0%}; the rest of any gap to min(P / 2L, raw) is the CPU per "
+                f"event that the drain without latency pays as well."
             )
     rss = results.get("rss")
     if rss is not None and rss.get("reduced"):
