@@ -220,8 +220,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         raw = results.get("raw")
         if raw is not None and _problem(raw) is None and bound > raw["rate_per_s"]:
             notes.append(
-                f"The round-trip bound is above the raw broker ceiling ({_n(raw['rate_per_s'])} msg/s), so here the broker "
-                f"binds, not the round trips: the target is checked against min(P / 2L, raw)."
+                f"The round-trip bound is above the raw broker ceiling ({_n(raw['rate_per_s'])} msg/s), so here the "
+                f"broker binds, not the round trips: the target is checked against min(P / 2L, raw)."
             )
         drain = results.get("drain")
         if drain is not None and _problem(drain) is None and _problem(latency) is None:
