@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from bridge.backoff import Backoff
-from bridge.errors import FatalUpstreamError, RetryableUpstreamError, ThrottledError, UpstreamError
+from bridge.errors import (
+    FatalUpstreamError,
+    RefusedParametersError,
+    RetryableUpstreamError,
+    ThrottledError,
+    UpstreamError,
+)
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.upstream import UpstreamClient
@@ -151,9 +157,7 @@ class Acknowledger:
             self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)
-            elif self._shrink_after_refusal(exc, len(batch)):
-                pass  # the ids are back in the queue and leave at once in smaller calls
-            else:
+            elif not self._shrink_after_refusal(exc, len(batch)):  # else the ids leave at once in smaller calls
                 assert isinstance(exc, FatalUpstreamError)
                 self._failure = exc
                 self._wakeup.set()
@@ -196,12 +200,10 @@ class Acknowledger:
     def _shrink_after_refusal(self, exc: UpstreamError, size: int) -> bool:
         """Halve the batch size when the upstream refused a call of ``size`` ids as too large; True if it did.
 
-        The upstream's limit of ids per call is undocumented. A refusal looks like HTTP 413 or 414, or 400 with an
-        ``InvalidParameter`` code; anything else, or a refused call of a single id, is not about the size.
+        The upstream's limit of ids per call is undocumented: a :class:`RefusedParametersError` of a call of many
+        ids is read as that limit. Any other error, or a refused call of a single id, is not about the size.
         """
-        code = exc.code or ""
-        refused = exc.status_code in (413, 414) or (exc.status_code == 400 and code.startswith("InvalidParameter"))
-        if not refused or size <= 1:
+        if not isinstance(exc, RefusedParametersError) or size <= 1:
             return False
         smaller = max(1, size // 2)
         if smaller < self._batch_size:

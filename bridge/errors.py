@@ -9,6 +9,7 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     │   ├── RetryableUpstreamError    throttling, 5xx, connection errors, timeouts: back off and retry
     │   │   └── ThrottledError        Throttling*: carries the server's retry-after when it sent one
     │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew: stop
+    │       └── RefusedParametersError  InvalidParameter*, HTTP 413/414: the request's parameters or size
     └── BrokerError                   the RabbitMQ connection or topology failed
         └── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
 
@@ -23,6 +24,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
     "FatalUpstreamError",
+    "RefusedParametersError",
     "RetryableUpstreamError",
     "SettingsError",
     "ThrottledError",
@@ -89,6 +91,14 @@ class ThrottledError(RetryableUpstreamError):
 
 class FatalUpstreamError(UpstreamError):
     """A failure that retrying cannot fix: wrong credentials, wrong signature, wrong clock, bad parameters."""
+
+
+class RefusedParametersError(FatalUpstreamError):
+    """The gateway refused the request's parameters or its size (``InvalidParameter*``, HTTP 413 or 414).
+
+    Fatal for a request that cannot be made smaller; the acknowledger reads it, for a call of many ids, as the
+    upstream's undocumented limit of ids per call and splits the call.
+    """
 
 
 class BrokerError(BridgeError):

@@ -8,6 +8,7 @@ failure into the typed tree of :mod:`bridge.errors` at this boundary:
 - ``ServiceUnavailable``, ``InternalError``, ``UnknownError``,
   ``SignatureNonceUsed``, any 5xx, timeouts, transport errors,
   a 2xx body that is not a JSON object                       -> :class:`RetryableUpstreamError`
+- ``InvalidParameter*`` with HTTP 400, HTTP 413 or 414       -> :class:`RefusedParametersError`
 - ``SignatureDoesNotMatch``, ``InvalidAccessKeyId.*``, ``Missing*``,
   ``InvalidTimeStamp.*``, any other 4xx or 3xx               -> :class:`FatalUpstreamError`
 
@@ -31,7 +32,13 @@ from urllib.parse import quote, quote_plus, urlencode
 
 import httpx
 
-from bridge.errors import FatalUpstreamError, RetryableUpstreamError, ThrottledError, UpstreamError
+from bridge.errors import (
+    FatalUpstreamError,
+    RefusedParametersError,
+    RetryableUpstreamError,
+    ThrottledError,
+    UpstreamError,
+)
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.signing import Credentials, SignatureV1Auth, SignatureV3Auth, percent_encode
@@ -305,6 +312,8 @@ class UpstreamClient:
             return FatalUpstreamError(text, **common)
         if status >= 500:
             return RetryableUpstreamError(text, **common)
+        if status in (413, 414) or (status == 400 and code is not None and code.startswith("InvalidParameter")):
+            return RefusedParametersError(text, **common)
         return FatalUpstreamError(text, **common)
 
     def _snippet(self, response: httpx.Response) -> str:

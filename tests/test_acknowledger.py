@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from bridge.acknowledger import Acknowledger
-from bridge.errors import FatalUpstreamError
+from bridge.errors import FatalUpstreamError, RefusedParametersError, UpstreamError
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.upstream import ACKNOWLEDGE_ACTION
 from tests.harness import sample
 
 
-def refusal(status: int, code: str | None) -> FatalUpstreamError:
-    return FatalUpstreamError("refused", action=ACKNOWLEDGE_ACTION, code=code, status_code=status)
+def refusal(kind: type[UpstreamError], status: int, code: str | None) -> UpstreamError:
+    return kind("refused", action=ACKNOWLEDGE_ACTION, code=code, status_code=status)
 
 
 def acknowledger(metrics: Metrics, batch_size: int = 500) -> Acknowledger:
@@ -29,28 +29,29 @@ def test_a_call_refused_as_too_large_halves_the_batch(status: int, code: str | N
     metrics = Metrics()
     acks = acknowledger(metrics)
     assert sample(metrics, "bridge_ack_batch_size") == 500
+    refused = refusal(RefusedParametersError, status, code)
 
-    assert acks._shrink_after_refusal(refusal(status, code), 500)
+    assert acks._shrink_after_refusal(refused, 500)
     assert sample(metrics, "bridge_ack_batch_size") == 250
     # Calls of the old size that were already under way and fail as well do not halve it again.
-    assert acks._shrink_after_refusal(refusal(status, code), 500)
+    assert acks._shrink_after_refusal(refused, 500)
     assert sample(metrics, "bridge_ack_batch_size") == 250
-    assert acks._shrink_after_refusal(refusal(status, code), 250)
+    assert acks._shrink_after_refusal(refused, 250)
     assert sample(metrics, "bridge_ack_batch_size") == 125
 
 
 @pytest.mark.parametrize(
-    ("status", "code", "size"),
+    ("kind", "status", "code", "size"),
     [
-        (400, "SignatureDoesNotMatch", 500),
-        (400, "MissingParameter", 500),
-        (404, "InvalidAccessKeyId.NotFound", 500),
-        (403, "Forbidden.RAM", 500),
-        (400, "InvalidParameter", 1),  # a single id refused: not a matter of size
+        (FatalUpstreamError, 400, "SignatureDoesNotMatch", 500),
+        (FatalUpstreamError, 400, "MissingParameter", 500),
+        (FatalUpstreamError, 404, "InvalidAccessKeyId.NotFound", 500),
+        (FatalUpstreamError, 403, "Forbidden.RAM", 500),
+        (RefusedParametersError, 400, "InvalidParameter", 1),  # a single id refused: not a matter of size
     ],
 )
-def test_other_refusals_are_not_read_as_size(status: int, code: str, size: int) -> None:
+def test_other_refusals_are_not_read_as_size(kind: type[UpstreamError], status: int, code: str, size: int) -> None:
     metrics = Metrics()
     acks = acknowledger(metrics)
-    assert not acks._shrink_after_refusal(refusal(status, code), size)
+    assert not acks._shrink_after_refusal(refusal(kind, status, code), size)
     assert sample(metrics, "bridge_ack_batch_size") == 500

@@ -19,6 +19,7 @@ import pytest
 
 from bridge.errors import (
     FatalUpstreamError,
+    RefusedParametersError,
     RetryableUpstreamError,
     SettingsError,
     ThrottledError,
@@ -334,7 +335,10 @@ ERROR_CASES = [
     (400, "InvalidTimeStamp.Expired", FatalUpstreamError),
     (400, "InvalidTimeStamp.Format", FatalUpstreamError),
     (400, "IncompleteSignature", FatalUpstreamError),
-    (400, "InvalidParameter", FatalUpstreamError),
+    (400, "InvalidParameter", RefusedParametersError),
+    (400, "InvalidParameter.TaskDetailNo", RefusedParametersError),
+    (413, "RequestEntityTooLarge", RefusedParametersError),
+    (414, "RequestURITooLong", RefusedParametersError),
     (403, "Forbidden.RAM", FatalUpstreamError),
     (409, "SomethingNew", FatalUpstreamError),
 ]
@@ -383,6 +387,8 @@ async def test_error_codes_map_to_the_tree(
         (403, b"Forbidden", {}, FatalUpstreamError),
         (404, b"", {"x-acs-request-id": "HDR-REQ"}, FatalUpstreamError),
         (301, b"", {"location": "https://elsewhere/"}, FatalUpstreamError),
+        (413, b"Request Entity Too Large", {}, RefusedParametersError),
+        (414, b"", {}, RefusedParametersError),
     ],
 )
 async def test_error_bodies_without_a_code(
