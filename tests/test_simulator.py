@@ -313,6 +313,21 @@ async def test_pages_run_oldest_first_with_every_paging_field() -> None:
     assert pages[3]["Data"] == {"TaskDetail": []}
 
 
+async def test_unordered_polls_serve_pending_details_in_another_order_and_every_poll_is_counted() -> None:
+    sim = Simulator(seed=3, faults=Faults(unordered_ratio=1.0))
+    ids = sim.add_details(40)
+    async with asgi_client(sim, signer()) as client:
+        first = detail_ids(await poll(client, page_num=1, page_size=40))
+        halves = [detail_ids(await poll(client, page_num=n, page_size=20)) for n in (1, 2)]
+        sim.faults.unordered_ratio = 0.0
+        ordered = detail_ids(await poll(client, page_num=1, page_size=40))
+    assert sorted(first) == sorted(ids) and first != ids
+    assert all(len(half) == 20 and set(half) <= set(ids) for half in halves)
+    assert ordered == ids
+    assert sim.polls_by_page == {1: 3, 2: 1}
+    assert sim.state()["polls_by_page"] == {"1": 3, "2": 1}
+
+
 async def test_an_empty_backlog_gives_the_full_empty_page_shape() -> None:
     async with asgi_client(Simulator(), signer()) as client:
         body = (await poll(client, page_size=50)).json()

@@ -11,6 +11,7 @@ import json
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -89,6 +90,8 @@ class Simulator:
         self._rate = rate
         self._started_s = clock()
         self._arrived = 0
+        self.polls_by_page: Counter[int] = Counter()
+        """PageNum -> how many PollTaskResult calls asked for it."""
         self.add_details(tasks)
 
     def __repr__(self) -> str:
@@ -156,6 +159,7 @@ class Simulator:
             "acknowledged": self.acknowledged_count,
             "ack_counts": self.ack_counts,
             "malformed_ids": sorted(self.malformed_ids),
+            "polls_by_page": {str(page): count for page, count in sorted(self.polls_by_page.items())},
             "faults": self.faults.to_dict(),
         }
 
@@ -251,7 +255,14 @@ class Simulator:
             if name != "TaskResultStatus" and params.get(name):
                 filters[name] = params[name]
         lang = params.get("Lang", "en")
-        total, entries = self._backlog.page(page_num, page_size, filters)
+        self.polls_by_page[page_num] += 1
+        shuffler = self._injector.unordered()
+        if shuffler is None:
+            total, entries = self._backlog.page(page_num, page_size, filters)
+        else:
+            total, entries = self._backlog.page(1, max(1, len(self._backlog)), filters)
+            shuffler.shuffle(entries)
+            entries = entries[(page_num - 1) * page_size : page_num * page_size]
         total_pages = -(-total // page_size)
         head = _json(
             {

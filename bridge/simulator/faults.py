@@ -25,6 +25,7 @@ _RATIOS = (
     "hang_ratio",
     "malformed_ratio",
     "ack_failure_ratio",
+    "unordered_ratio",
 )
 
 
@@ -37,7 +38,9 @@ class Faults:
     ``malformed_ratio`` applies to details generated from now on; ``ack_failure_ratio`` answers that share of
     AcknowledgeTaskResult calls with 503 (nothing removed), whatever ``actions`` says. ``ack_max_ids`` (0: no
     limit) answers an AcknowledgeTaskResult call carrying more ids with 400 ``InvalidParameter``, as a gateway
-    with a per-call limit would (the real limit is undocumented).
+    with a per-call limit would (the real limit is undocumented). ``unordered_ratio`` answers that share of
+    PollTaskResult calls from the pending details in a random order instead of oldest first (the real order is
+    undocumented; the bridge's read-ahead assumes oldest first, and must lose nothing when it is not).
     """
 
     latency_s: float = 0.0
@@ -49,6 +52,7 @@ class Faults:
     malformed_ratio: float = 0.0
     ack_failure_ratio: float = 0.0
     ack_max_ids: float = 0.0
+    unordered_ratio: float = 0.0
     actions: frozenset[str] = ACTIONS
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +94,10 @@ class FaultInjector:
     def _hit(self, ratio: float) -> bool:
         # Draw only when the fault is on, so a fault-free run consumes no randomness.
         return ratio > 0 and self._rng.random() < ratio
+
+    def unordered(self) -> random.Random | None:
+        """The generator to shuffle this poll's answer with, or ``None`` to answer oldest first."""
+        return self._rng if self._hit(self.faults.unordered_ratio) else None
 
     async def apply(self, action: str) -> None:
         """Sleep for latency or a hang, or raise the ``ApiError`` of an injected failure."""
