@@ -45,6 +45,7 @@ class Acknowledger:
         *,
         on_progress: Callable[[], None] = lambda: None,
         on_acknowledged: Callable[[int], None] = lambda n: None,
+        more_coming: Callable[[], bool] = lambda: True,
     ) -> None:
         self._upstream = upstream
         self._batch_size = settings.ack_batch_size  # halved when the upstream refuses a call as too large
@@ -53,6 +54,7 @@ class Acknowledger:
         self._metrics = metrics
         self._on_progress = on_progress
         self._on_acknowledged = on_acknowledged
+        self._more_coming = more_coming  # False when no publish is in flight: no confirm can join a batch
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._pending: dict[str, None] = {}  # confirmed, waiting for a request (insertion-ordered)
         self._sending: set[str] = set()  # in a request under way
@@ -63,6 +65,8 @@ class Acknowledger:
         self._idle = asyncio.Event()
         self._idle.set()
         self._failure: FatalUpstreamError | None = None
+        self.failing = False
+        """True from a failed call until a call succeeds: the run loop reads ahead only while this is False."""
         self._tasks: set[asyncio.Task[None]] = set()
         metrics.confirmed_unacknowledged.set_function(lambda: self.outstanding)
 
@@ -73,6 +77,11 @@ class Acknowledger:
         self._changed()
         self._wakeup.set()
         if len(self._pending) >= self._batch_size:
+            self._full.set()
+
+    def flush(self) -> None:
+        """No more confirms are coming for now: send a partial batch without waiting for it to fill."""
+        if self._pending:
             self._full.set()
 
     def holds(self, detail_no: str) -> bool:
@@ -118,9 +127,10 @@ class Acknowledger:
                     await asyncio.sleep(delay)
                     continue
                 await self._slots.acquire()
-                if len(self._pending) < self._batch_size:
+                if len(self._pending) < self._batch_size and self._more_coming():
                     # A call costs far more than an id in it: let confirms arriving right behind this one fill
-                    # the batch (each confirm would otherwise leave in a call of its own).
+                    # the batch (each confirm would otherwise leave in a call of its own). With nothing in flight
+                    # no confirm can come, and waiting would only delay the next page (see flush).
                     self._full.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(ACK_LINGER_S):
@@ -145,6 +155,7 @@ class Acknowledger:
         for detail_no in batch:
             del self._pending[detail_no]
             self._sending.add(detail_no)
+        self._on_progress()  # sent ids no longer hold back the next poll (see BridgeLoop._held)
         return batch
 
     async def _send(self, batch: list[str]) -> None:
@@ -155,6 +166,7 @@ class Acknowledger:
             succeeded = set(done)
             self._settle(done, failed=[d for d in batch if d not in succeeded])
             self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
+            self.failing = True
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)
             elif not self._shrink_after_refusal(exc, len(batch)):  # else the ids leave at once in smaller calls
@@ -165,6 +177,7 @@ class Acknowledger:
             self._settle([], failed=batch)
             raise
         else:
+            self.failing = False
             self._settle(batch, failed=[])
             self._on_acknowledged(len(batch))
             self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)

@@ -1,9 +1,14 @@
-"""The run loop: poll page 1 → convert → publish → acknowledge what the broker confirmed → poll again.
+"""The run loop: poll → convert → publish → acknowledge what the broker confirmed → poll again.
 
-Why page 1 every time: acknowledged details vanish upstream, so asking for page 2 after acknowledging page 1
-would skip records. The loop polls again as soon as at most half a page of details is still on its way (being
-published, or confirmed and waiting for its acknowledgement), so the next page is mostly new details while the
-rest of the previous one is still in flight: the broker's confirms, not our round trips, set the pace.
+Which page: acknowledged details vanish upstream, so page 1 always starts with the oldest details still pending,
+and the details this bridge holds (publishing, or confirmed and not yet in an acknowledgement call) are the
+first ones on it. Page 1 alone brings new details only past those, so a page-1 poller polls when at most half a
+page is held and then waits a poll and an acknowledgement round trip per page. With read-ahead (the default,
+:mod:`bridge.paging`) the next poll asks for a page that starts past what is held, and goes out as soon as at
+most a whole page is held: the broker's confirms, not the round trips, set the pace. Read-ahead pauses while
+acknowledgements fail or when it would put more than two pages on their way, and page 1 is polled at least once
+per poll interval and before ``--once`` calls the backlog drained, so a detail a read-ahead page skipped (the
+upstream ordered differently) is delayed, never left behind.
 
 Every detail on a page is in one of four states, decided here in one place:
 
@@ -29,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from bridge import paging
 from bridge.acknowledger import Acknowledger
 from bridge.backoff import Backoff, jittered
 from bridge.errors import BridgeError, BrokerUnavailableError, RetryableUpstreamError, ThrottledError
@@ -44,6 +50,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Read ahead only while the new page keeps at most this many pages on their way (publishing or held): what a
+# crash can cause to be published twice.
+_READ_AHEAD_PAGES = 2
 _UNUSABLE_MEMORY = 10_000  # fingerprints of records without a usable TaskDetailNo, to count each only once
 
 
@@ -87,6 +96,7 @@ class BridgeLoop:
             metrics,
             on_progress=self._settled,
             on_acknowledged=self._count_acknowledged,
+            more_coming=lambda: bool(self._in_flight),
         )
         self.progress = Progress()
         self._in_flight: set[str] = set()
@@ -99,6 +109,7 @@ class BridgeLoop:
         self._upstream_down_since: float | None = None
         self._broker_down_since: float | None = None
         self.last_poll_ok: float | None = None  # monotonic time of the last successful poll
+        self._page_one_at = float("-inf")  # monotonic time of the last poll of page 1
 
     # --- readiness ---
     def ready(self) -> bool:
@@ -148,25 +159,30 @@ class BridgeLoop:
             await self._pause_after_publish_failures(stop, once)
             if stop.is_set():
                 break
-            # Poll when at most half a page is still on its way, so the next page is mostly new details.
-            # Ids already sent in an acknowledgement do not count: it reaches the upstream before this poll
-            # (and should it not, the page brings them back as known ones, which are skipped).
-            await self._wait_until(stop, lambda: len(self._in_flight) + self.acknowledger.unsent <= page_size // 2)
+            # Ids already sent in an acknowledgement do not count as held: the call reaches the upstream before
+            # this poll (and should it not, the page brings them back as known ones, which are skipped).
+            await self._wait_until(stop, self._ready_to_poll)
+            page_num, size = self._next_page(page_size)
             self.acknowledger.poll_started()
-            page = await self._until_stopped(stop, self._poll(once))
+            page = await self._until_stopped(stop, self._poll(once, page_num, size))
             if page is None:
                 continue
             new, known = self._dispatch(page)
-            full = len(page.records) >= page_size
+            log.debug("page dispatched", extra={"page": page_num, "new": new, "known": known, "held": self._held()})
+            full = len(page.records) >= size
             if full and new:
                 continue  # more backlog behind this page
-            if new == 0 and known == 0:
+            if page_num == 1 and new == 0 and known == 0:
                 # Nothing on the page that this bridge can still process.
                 if once:
                     log.info("backlog drained")
                     return
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
-            elif full or not self.outstanding:
+            elif not self.outstanding:
+                # What the page brought was all acknowledged while it was on its way (or, past page 1, nothing
+                # was there): the next poll shows what comes after it. There is nothing left to settle.
+                continue
+            elif full:
                 # Everything on the page is on its way: poll again once some of it has settled.
                 await self._wait_until(stop, self._some_settled())
             elif once:
@@ -175,9 +191,45 @@ class BridgeLoop:
             else:
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
 
-    async def _poll(self, once: bool) -> Page | None:
+    def _held(self) -> int:
+        """Details seen and not yet in an acknowledgement call: the head of the upstream's list."""
+        return len(self._in_flight) + self.acknowledger.unsent
+
+    def _reading_ahead(self) -> bool:
+        """Whether the next poll may skip past what is held (see :mod:`bridge.paging`).
+
+        Only while acknowledgements succeed (while the upstream refuses them, taking in more details would only
+        grow what is held) and while a whole page more keeps at most ``_READ_AHEAD_PAGES`` pages on their way.
+        """
+        return (
+            self._settings.read_ahead
+            and not self.acknowledger.failing
+            and self.outstanding + self._settings.page_size <= _READ_AHEAD_PAGES * self._settings.page_size
+        )
+
+    def _ready_to_poll(self) -> bool:
+        """Poll when the next page would be mostly new details.
+
+        Page 1 brings new ones only past what is held, so without read-ahead the loop waits until at most half a
+        page is held; a read-ahead page starts past it, so the next poll can go out while a whole page is held.
+        """
+        page_size = self._settings.page_size
+        return self._held() <= (page_size if self._reading_ahead() else page_size // 2)
+
+    def _next_page(self, page_size: int) -> tuple[int, int]:
+        """``(PageNum, PageSize)``: a read-ahead page, or page 1 when it is due (once per poll interval)."""
+        now = time.monotonic()
+        if not self._reading_ahead() or now - self._page_one_at >= self._settings.poll_interval_s:
+            page_num, size = 1, page_size
+        else:
+            page_num, size = paging.plan(self._held(), page_size)
+        if page_num == 1:
+            self._page_one_at = now
+        return page_num, size
+
+    async def _poll(self, once: bool, page_num: int, page_size: int) -> Page | None:
         try:
-            page = await self._upstream.poll()
+            page = await self._upstream.poll(page_num, page_size)
         except RetryableUpstreamError as exc:
             self._metrics.polls.labels("error").inc()
             now = time.monotonic()
@@ -203,7 +255,12 @@ class BridgeLoop:
         self.progress.polled += len(page.records)
         log.debug(
             "polled",
-            extra={"request_id": page.request_id, "records": len(page.records), "backlog": page.total_items},
+            extra={
+                "request_id": page.request_id,
+                "page": page_num,
+                "records": len(page.records),
+                "backlog": page.total_items,
+            },
         )
         if page.total_items is not None:
             self.progress.backlog = page.total_items
@@ -254,6 +311,8 @@ class BridgeLoop:
             # One summary line per pause (see _pause_after_publish_failures); per detail only when debugging.
             log.debug("publish not confirmed", extra={"detail_no": detail_no, "outcome": outcome.value})
         self._in_flight.discard(detail_no)
+        if not self._in_flight:
+            self.acknowledger.flush()  # the last confirm of a page: its ids need not wait for more
         self._settled()
 
     def _unusable_record(self, record: RawRecord) -> None:

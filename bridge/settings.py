@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     page_size: int = Field(default=1000, ge=1, le=1000)
     ack_batch_size: int = Field(default=500, ge=1, le=1000)
     ack_concurrency: int = Field(default=4, ge=1, le=64)
+    read_ahead: bool = True
 
     # --- broker and event contract ---
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
