@@ -12,7 +12,7 @@ that process (``os.wait4``):
    (``BRIDGE_PAGE_SIZE=1000``, other settings default), timed from the process's start to its exit, so its
    startup counts; an empty-backlog run measures that startup alone.
 3. latency: the same drain with ``--latency-ms`` added to every upstream request, against the round-trip
-   bound P / (2 L), or the raw ceiling where that is lower.
+   bound P / L (one poll of at most P new details per round trip), or the raw ceiling where that is lower.
 4. rss: peak RSS of two drains, ``--rss-small`` and ``--rss-large`` details.
 5. steady: ``task-bridge run`` with a 1 s poll interval while this process adds details at a steady rate and
    consumes the queue: the time from a detail appearing upstream to its event arriving.
@@ -192,9 +192,10 @@ async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, 
     async def latency() -> dict[str, Any]:
         figures = await drained("latency", args.latency_details, args.latency_ms, args.latency_page_size)
         latency_s = args.latency_ms / 1000
-        # Each detail needs a poll round trip and an acknowledgement round trip before page 1 can show newer
-        # details in its place: at most one page per two round trips.
-        figures["bound_per_s"] = figures["page_size"] / (2 * latency_s)
+        # The bridge reads ahead (its default): one poll at a time, each bringing at most a page of new details,
+        # so at most one page per round trip. (Page 1 alone would need an acknowledgement round trip as well
+        # before newer details show: P / 2L.)
+        figures["bound_per_s"] = figures["page_size"] / latency_s
         # The bridge's defaults (the latency run sets neither): each acknowledgement call also waits L.
         concurrency, batch = (Settings.model_fields[f].default for f in ("ack_concurrency", "ack_batch_size"))
         figures.update(
