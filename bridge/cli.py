@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -25,6 +23,7 @@ from bridge import __version__, argtypes
 from bridge.app import App
 from bridge.errors import BridgeError, SettingsError
 from bridge.logs import configure_logging
+from bridge.runtime import tune_for_service
 from bridge.settings import Settings, load_settings
 from bridge.simulator.cli import add_parser as add_simulate
 from bridge.simulator.cli import run as run_simulate
@@ -105,28 +104,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if isinstance(settings, int):
         return settings
     configure_logging(settings.log_level)
-    _keep_large_buffers_off_the_heap()
+    tune_for_service()
     return asyncio.run(_run(settings, args.once, args.progress_interval))
-
-
-# glibc's mallopt parameter for the size from which allocations get their own mapping.
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def _keep_large_buffers_off_the_heap() -> None:
-    """Give every allocation of 128 KiB or more its own mapping, returned to the system when freed.
-
-    A poll answer of 1000 details is ~700 KB. glibc raises its mmap threshold after the first such buffer is
-    freed, so later ones come from the heap, which fragments and keeps growing for a while with the backlog
-    (the benchmark measured 63 MiB at 10,000 details and 79 MiB at 100,000; with this, 61 and 62). Without
-    glibc (musl, macOS) this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 # --- check ---
