@@ -55,8 +55,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.broker]
 PAGE = 250
 WINDOW = 128  # max_in_flight: publishes on the wire, awaiting the broker's answer
 # What one bridge holds at most (in flight, or confirmed and not yet acknowledged): it reads ahead only while a
-# page more keeps at most two pages on their way, and otherwise polls page 1 once at most half a page is held.
-OUTSTANDING_MAX = 2 * PAGE
+# page more keeps at most four pages on their way, and otherwise polls page 1 once at most half a page is held.
+OUTSTANDING_MAX = 4 * PAGE
 
 
 @pytest.fixture(scope="session")
