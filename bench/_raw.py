@@ -24,6 +24,7 @@ import aio_pika
 from pamqp.commands import Basic
 
 from bridge.events import Event, InvalidRecord, convert
+from bridge.runtime import tune_for_service
 from bridge.settings import Settings
 from bridge.simulator.generator import DetailGenerator
 from bridge.upstream import RawRecord
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument(
+        "--tuned", action="store_true", help="apply the bridge's process tuning (bridge.runtime) before publishing"
+    )
     args = parser.parse_args(argv)
+    if args.tuned:
+        tune_for_service()
     # The URL comes from the environment, as for the bridge: a password on a command line is visible to ps.
     args.url = os.environ.get("BRIDGE_AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value()
     result = asyncio.run(_main(args))

@@ -110,6 +110,18 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     _verdict(None if cpu_ratio is None else cpu_ratio <= TARGETS["cpu_vs_raw_max"]),
                 )
             )
+    tuned = results.get("raw-tuned")
+    if tuned is not None and _problem(tuned) is None and drain is not None and _problem(drain) is None:
+        out.append(
+            Row(
+                "for information: the raw publisher with the bridge's process tuning (`bridge.runtime`)",
+                f"{_n(tuned['rate_per_s'])} msg/s, {tuned['cpu_per_10k_s']:.2f} CPU s per 10k; against it the "
+                f"drain is {drain['rate_per_s'] / tuned['rate_per_s']:.3f} x and its CPU "
+                f"{drain['cpu_per_10k_s'] / tuned['cpu_per_10k_s']:.3f} x",
+                "—",
+                "info",
+            )
+        )
     latency = results.get("latency")
     if latency is not None:
         what = (

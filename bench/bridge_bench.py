@@ -92,13 +92,14 @@ def _drain_figures(result: Drain) -> dict[str, Any]:
     }
 
 
-async def _raw(broker: BenchBroker, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def _raw(broker: BenchBroker, workdir: Path, args: argparse.Namespace, *, tuned: bool = False) -> dict[str, Any]:
     exchange = broker.name("raw")
     out_path, log_path = workdir / "raw.json", workdir / "raw.log"
     try:
         queue = await broker.plain_topic(exchange)
         argv = [sys.executable, str(HERE / "_raw.py"), "--exchange", exchange]
         argv += ["--count", str(args.details), "--seed", str(args.seed), "--window", str(args.window)]
+        argv += ["--tuned"] if tuned else []
         with out_path.open("wb") as out, log_path.open("wb") as log:
             child = Child(argv, env={**os.environ, "BRIDGE_AMQP_URL": broker.url}, cwd=workdir, stdout=out, stderr=log)
         try:
@@ -221,6 +222,9 @@ async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, 
         # after them, so a slow or fast spell during one raw run does not skew every ratio.
         await _phase("raw-after", results, lambda: _raw(broker, workdir, args))
         results["raw"] = _mean_raw(results["raw"], results.pop("raw-after"))
+        # For information: the same publisher given the bridge's process tuning (GC thresholds, malloc), which
+        # would speed it up as well. The targets stay against plain aio-pika, as the issue defines the ceiling.
+        await _phase("raw-tuned", results, lambda: _raw(broker, workdir, args, tuned=True))
     if "rss" in phases:
         await _phase("rss", results, rss)
     if "steady" in phases:
