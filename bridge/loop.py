@@ -16,7 +16,9 @@ Every detail on a page is in one of four states, decided here in one place:
 - *in flight*: its publish awaits the broker; skip it;
 - *held by the acknowledger*: confirmed, not yet acknowledged (or acknowledged after this poll began);
   skip it, so a slow or failing acknowledgement never causes a second event;
-- *no usable TaskDetailNo*: it can never be acknowledged; log and count it once, never republish it.
+- *no usable TaskDetailNo*: it can never be acknowledged; log and count it once, never republish it. It stays
+  at the head of the upstream's list for good, so read-ahead pages start past those seen too, and a page 1 full
+  of them does not hide the details behind it.
 
 Retries live here: upstream errors back off exponentially with jitter (honouring throttling hints),
 publish failures back off before the next poll, a lost broker connection is re-opened with backoff while
@@ -112,6 +114,7 @@ class BridgeLoop:
         self._broker_down_since: float | None = None
         self.last_poll_ok: float | None = None  # monotonic time of the last successful poll
         self._page_one_at = float("-inf")  # monotonic time of the last poll of page 1
+        self._page_one_blocked = False  # the last page 1 was full of records without a usable TaskDetailNo
 
     # --- readiness ---
     def ready(self) -> bool:
@@ -174,15 +177,27 @@ class BridgeLoop:
             full = len(page.records) >= size
             if full and new:
                 continue  # more backlog behind this page
-            if page_num == 1 and new == 0 and known == 0:
-                # Nothing on the page that this bridge can still process.
+            nothing = new == 0 and known == 0
+            if page_num == 1:
+                self._page_one_blocked = False
+            if nothing and full and self._reading_ahead() and self._plan_offset() > (page_num - 1) * size:
+                # A full page of records without a usable TaskDetailNo: they never leave the upstream, so a bridge
+                # polling page 1 only would never see the details behind them. Read ahead past them.
+                self._page_one_blocked = self._page_one_blocked or page_num == 1
+                continue
+            if nothing and (page_num == 1 or full or (self._page_one_blocked and not self.outstanding)):
+                # Nothing on the page that this bridge can still process, and nothing it can reach behind it:
+                # page 1 was not full, or was full of unusable records and the pages past them end here.
                 if once:
                     log.info("backlog drained")
                     return
                 await self._sleep(stop, jittered(self._settings.poll_interval_s))
+            elif nothing and not self.outstanding:
+                # Past what was held, nothing, and everything settled: page 1 next, to see whether that is all.
+                self._page_one_at = float("-inf")
             elif not self.outstanding:
-                # What the page brought was all acknowledged while it was on its way (or, past page 1, nothing
-                # was there): the next poll shows what comes after it. There is nothing left to settle.
+                # What the page brought was all acknowledged while it was on its way: the next poll shows what
+                # comes after it. There is nothing left to settle.
                 continue
             elif full:
                 # Everything on the page is on its way: poll again once some of it has settled.
@@ -196,6 +211,19 @@ class BridgeLoop:
     def _held(self) -> int:
         """Details seen and not yet in an acknowledgement call: the head of the upstream's list."""
         return len(self._in_flight) + self.acknowledger.unsent
+
+    def _seen_at_head(self) -> int:
+        """Held details plus the records without a usable TaskDetailNo, which stay upstream for good.
+
+        Each unusable record counts once, by its content, as far as memory allows: identical ones count as one,
+        which only means some of them are read again.
+        """
+        return self._held() + len(self._unusable)
+
+    def _plan_offset(self) -> int:
+        """Where the next read-ahead page would start."""
+        page_num, size = paging.plan(self._seen_at_head(), self._settings.page_size)
+        return (page_num - 1) * size
 
     def _reading_ahead(self) -> bool:
         """Whether the next poll may skip past what is held (see :mod:`bridge.paging`).
@@ -224,7 +252,7 @@ class BridgeLoop:
         if not self._reading_ahead() or now - self._page_one_at >= self._settings.poll_interval_s:
             page_num, size = 1, page_size
         else:
-            page_num, size = paging.plan(self._held(), page_size)
+            page_num, size = paging.plan(self._seen_at_head(), page_size)
         if page_num == 1:
             self._page_one_at = now
         return page_num, size

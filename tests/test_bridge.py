@@ -294,6 +294,60 @@ async def test_a_page_whose_details_were_acknowledged_meanwhile_is_followed_by_a
     assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in await broker.take(queue.name)])
 
 
+async def test_records_without_a_detail_no_do_not_hide_the_details_behind_them(broker: Broker, broker_url: str) -> None:
+    # 120 records that can never be acknowledged fill page 1 and most of page 2 (page size 50) for good.
+    sim = Simulator(seed=17)
+    for n in range(120):
+        sim.add_raw({"TaskType": "CHG_DNS", "Note": f"no id {n}"})
+    sim.add_details(300)
+    queue = await broker.bind("all")
+    metrics = Metrics()
+    settings = bridge_settings(broker.exchange, broker_url, page_size=50, poll_interval_s=60.0)
+
+    assert await asyncio.wait_for(run_once(settings, sim, metrics), 30)
+
+    assert sim.pending_count == 120, "every detail behind them published and acknowledged"
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert len(ids) == 300
+    assert_one_event_per_acknowledged(sim, ids)
+    assert sample(metrics, "bridge_invalid_records_total", reason="no_detail_no") == 120
+    assert sum(sim.polls_by_page.values()) < 40, "read ahead past them, no loop of polls"
+
+
+async def test_details_arriving_behind_unusable_records_are_delivered_by_a_running_bridge(
+    broker: Broker, broker_url: str
+) -> None:
+    sim = Simulator(seed=19)
+    for n in range(60):
+        sim.add_raw({"Note": f"no id {n}"})
+    queue = await broker.bind("all")
+    settings = bridge_settings(broker.exchange, broker_url, page_size=50, poll_interval_s=0.2)
+    async with running_bridge(settings, sim):
+        await asyncio.sleep(0.5)  # a few rounds of polls that find nothing but them
+        sim.add_details(100)
+        messages = await broker.wait_for(queue.name, 100)
+        await eventually(lambda: sim.pending_count == 60, what="the details acknowledged")
+    messages += await broker.take(queue.name)
+    assert len(messages) == 100
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in messages])
+
+
+@pytest.mark.parametrize("identical", [False, True])
+async def test_a_backlog_of_only_unusable_records_is_drained_without_a_loop_of_polls(
+    broker: Broker, broker_url: str, identical: bool
+) -> None:
+    # Identical records count once (by content), so reading ahead cannot get past them: it must stop, not spin.
+    sim = Simulator(seed=18)
+    for n in range(130):
+        sim.add_raw({"Note": "no id" if identical else f"no id {n}"})
+    settings = bridge_settings(broker.exchange, broker_url, page_size=50, poll_interval_s=60.0)
+
+    assert await asyncio.wait_for(run_once(settings, sim), 30)
+
+    assert sim.pending_count == 130
+    assert sum(sim.polls_by_page.values()) <= 6, sim.polls_by_page
+
+
 async def test_new_detail_is_published_within_the_poll_interval(broker: Broker, broker_url: str) -> None:
     sim = Simulator(tasks=5, seed=8)
     queue = await broker.bind("all")
