@@ -7,7 +7,8 @@ that process (``os.wait4``):
 
 1. raw: aio-pika confirmed publishing of the bridge's own events (built with ``bridge.events.convert`` from
    the simulator's details), persistent, ``--window`` in flight, to a topic exchange with one durable queue
-   bound ``#``. Only the publishing is timed.
+   bound ``#``. Only the publishing is timed. It runs again after the drains (the ceiling is the mean of both),
+   and once more with ``--tuned``: the bridge's process tuning (``bridge.runtime``), for information.
 2. drain: ``task-bridge run --once`` drains a backlog of ``--details`` from ``task-bridge simulate``
    (``BRIDGE_PAGE_SIZE=1000``, other settings default), timed from the process's start to its exit, so its
    startup counts; an empty-backlog run measures that startup alone.
