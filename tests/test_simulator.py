@@ -648,7 +648,19 @@ async def simulate_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, 
         "add_parser(parser.add_subparsers(dest='command'))\n"
         "sys.exit(run(parser.parse_args(sys.argv[1:])))\n"
     )
-    args = ["simulate", "--port", "0", "--tasks", "7", "--seed", "3", "--throttling-ratio", "1"]
+    args = [
+        "simulate",
+        "--port",
+        "0",
+        "--tasks",
+        "7",
+        "--seed",
+        "3",
+        "--throttling-ratio",
+        "1",
+        "--unordered-ratio",
+        "1",
+    ]
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE)
     try:
         assert process.stdout is not None
@@ -671,6 +683,7 @@ async def test_the_simulate_command_serves_until_a_signal_and_exits_0(
         state = (await client.get("/_state")).json()
         throttled = await poll(client)
     assert state["pending"] == 7 and state["faults"]["throttling_ratio"] == 1.0
+    assert state["faults"]["unordered_ratio"] == 1.0
     assert_error(throttled, 400, "Throttling")
     process.send_signal(sig)
     assert await asyncio.wait_for(process.wait(), 10) == 0

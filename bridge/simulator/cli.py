@@ -36,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--hang-ratio", type=argtypes.ratio, default=0.0, help="share that hangs --hang-seconds")
     parser.add_argument("--hang-seconds", type=argtypes.non_negative, default=30.0)
     parser.add_argument("--malformed-ratio", type=argtypes.ratio, default=0.0, help="share of details malformed")
+    parser.add_argument(
+        "--unordered-ratio", type=argtypes.ratio, default=0.0, help="share of polls answered in a random order"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         hang_ratio=args.hang_ratio,
         hang_s=args.hang_seconds,
         malformed_ratio=args.malformed_ratio,
+        unordered_ratio=args.unordered_ratio,
     )
     sim = Simulator(
         access_key_id=args.access_key_id,
