@@ -180,10 +180,12 @@ class BridgeLoop:
             nothing = new == 0 and known == 0
             if page_num == 1:
                 self._page_one_blocked = False
-            if nothing and full and self._reading_ahead() and self._plan_offset() > (page_num - 1) * size:
+            if nothing and full and self._settings.read_ahead and self._plan_offset() > (page_num - 1) * size:
                 # A full page of records without a usable TaskDetailNo: they never leave the upstream, so a bridge
-                # polling page 1 only would never see the details behind them. Read ahead past them.
+                # polling page 1 only would never see the details behind them. Read ahead past them, once
+                # read-ahead may go on (acknowledgements succeed again, fewer pages on their way).
                 self._page_one_blocked = self._page_one_blocked or page_num == 1
+                await self._wait_until(stop, self._reading_ahead)
                 continue
             if nothing and (page_num == 1 or full or (self._page_one_blocked and not self.outstanding)):
                 # Nothing on the page that this bridge can still process, and nothing it can reach behind it:

@@ -314,6 +314,24 @@ async def test_records_without_a_detail_no_do_not_hide_the_details_behind_them(b
     assert sum(sim.polls_by_page.values()) < 40, "read ahead past them, no loop of polls"
 
 
+async def test_failing_acknowledgements_do_not_end_a_drain_behind_unusable_records(
+    broker: Broker, broker_url: str
+) -> None:
+    # Failed acknowledgements pause read-ahead; a page 1 full of unusable records polled meanwhile once made
+    # run --once call the backlog drained with details still behind them (seed 3 polls at just that moment).
+    sim = Simulator(seed=3, faults=Faults(latency_s=0.005, ack_failure_ratio=0.2))
+    for n in range(70):
+        sim.add_raw({"Note": f"no id {n}"})
+    sim.add_details(300)
+    queue = await broker.bind("all")
+    settings = bridge_settings(broker.exchange, broker_url, page_size=50, ack_batch_size=100, poll_interval_s=60.0)
+
+    assert await asyncio.wait_for(run_once(settings, sim), 30)
+
+    assert sim.pending_count == 70
+    assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in await broker.take(queue.name)])
+
+
 async def test_details_arriving_behind_unusable_records_are_delivered_by_a_running_bridge(
     broker: Broker, broker_url: str
 ) -> None:
