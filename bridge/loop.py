@@ -222,9 +222,13 @@ class BridgeLoop:
         """
         return self._held() + len(self._unusable)
 
+    def _read_ahead_page(self) -> tuple[int, int]:
+        """``(PageNum, PageSize)`` of the page that starts past what is seen at the head (:mod:`bridge.paging`)."""
+        return paging.plan(self._seen_at_head(), self._settings.page_size)
+
     def _plan_offset(self) -> int:
         """Where the next read-ahead page would start."""
-        page_num, size = paging.plan(self._seen_at_head(), self._settings.page_size)
+        page_num, size = self._read_ahead_page()
         return (page_num - 1) * size
 
     def _reading_ahead(self) -> bool:
@@ -254,7 +258,7 @@ class BridgeLoop:
         if not self._reading_ahead() or now - self._page_one_at >= self._settings.poll_interval_s:
             page_num, size = 1, page_size
         else:
-            page_num, size = paging.plan(self._seen_at_head(), page_size)
+            page_num, size = self._read_ahead_page()
         if page_num == 1:
             self._page_one_at = now
         return page_num, size
