@@ -45,6 +45,13 @@ def assert_one_event_per_acknowledged(sim: Simulator, ids: list[str]) -> None:
     assert [i for i, n in counts.items() if n > 1] == []
 
 
+async def assert_delivered_once(broker: Broker, queue: str, sim: Simulator, count: int) -> None:
+    """Take ``queue``'s events: exactly ``count`` of them, one per acknowledged detail (see above)."""
+    ids = [str(m.message_id) for m in await broker.take(queue)]
+    assert len(ids) == count
+    assert_one_event_per_acknowledged(sim, ids)
+
+
 async def test_drains_thousands_with_exactly_one_correct_event_each(broker: Broker, broker_url: str) -> None:
     sim = Simulator(tasks=3000, seed=11)
     queue = await broker.bind("all")
@@ -187,9 +194,7 @@ async def test_failing_acknowledgements_cause_no_second_event(broker: Broker, br
         assert sample(app.metrics, "bridge_events_published_total", outcome="ack") == published
         sim.faults.ack_failure_ratio = 0.0
         await eventually(lambda: sim.pending_count == 0, what="acknowledged once the upstream recovered")
-    ids = [str(m.message_id) for m in await broker.take(queue.name)]
-    assert len(ids) == 1000
-    assert_one_event_per_acknowledged(sim, ids)
+    await assert_delivered_once(broker, queue.name, sim, 1000)
 
 
 async def test_acknowledgements_refused_as_too_large_go_out_in_smaller_calls(broker: Broker, broker_url: str) -> None:
@@ -201,9 +206,7 @@ async def test_acknowledgements_refused_as_too_large_go_out_in_smaller_calls(bro
     assert await run_once(settings, sim, metrics)
 
     assert sim.pending_count == 0
-    ids = [str(m.message_id) for m in await broker.take(queue.name)]
-    assert len(ids) == 2000
-    assert_one_event_per_acknowledged(sim, ids)
+    await assert_delivered_once(broker, queue.name, sim, 2000)
     # Halved from 500 until a call fits: at most the limit, and at least half of a refused call (> 120 ids).
     assert 60 <= sample(metrics, "bridge_ack_batch_size") <= 120
     assert sample(metrics, "bridge_acknowledgements_total", outcome="failed") > 0
@@ -219,9 +222,7 @@ async def test_read_ahead_polls_past_the_held_details_with_nothing_lost(broker: 
     assert await run_once(settings, sim, metrics)
 
     assert sim.pending_count == 0
-    ids = [str(m.message_id) for m in await broker.take(queue.name)]
-    assert len(ids) == 3000
-    assert_one_event_per_acknowledged(sim, ids)
+    await assert_delivered_once(broker, queue.name, sim, 3000)
     assert sum(count for page, count in sim.polls_by_page.items() if page > 1) >= 3
     # Read-ahead pages start past what the bridge holds: few details come a second time.
     assert sample(metrics, "bridge_details_received_total") < 3000 * 1.1
@@ -250,9 +251,7 @@ async def test_read_ahead_loses_nothing_when_the_upstream_orders_details_otherwi
 
     assert sim.pending_count == 0
     assert sum(count for page, count in sim.polls_by_page.items() if page > 1) >= 1
-    ids = [str(m.message_id) for m in await broker.take(queue.name)]
-    assert len(ids) == 2000
-    assert_one_event_per_acknowledged(sim, ids)
+    await assert_delivered_once(broker, queue.name, sim, 2000)
     assert set(sim.ack_counts.values()) == {1}
 
 
@@ -307,9 +306,7 @@ async def test_records_without_a_detail_no_do_not_hide_the_details_behind_them(b
     assert await asyncio.wait_for(run_once(settings, sim, metrics), 30)
 
     assert sim.pending_count == 120, "every detail behind them published and acknowledged"
-    ids = [str(m.message_id) for m in await broker.take(queue.name)]
-    assert len(ids) == 300
-    assert_one_event_per_acknowledged(sim, ids)
+    await assert_delivered_once(broker, queue.name, sim, 300)
     assert sample(metrics, "bridge_invalid_records_total", reason="no_detail_no") == 120
     assert sum(sim.polls_by_page.values()) < 40, "read ahead past them, no loop of polls"
 
