@@ -7,11 +7,13 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     ├── SettingsError                 bad configuration, found at start; one line per problem
     ├── UpstreamError                 a PollTaskResult / AcknowledgeTaskResult call failed
     │   ├── RetryableUpstreamError    throttling, 5xx, connection errors, timeouts: back off and retry
-    │   │   └── ThrottledError        Throttling*: carries the server's retry-after when it sent one
+    │   │   ├── ThrottledError        Throttling*: carries the server's retry-after when it sent one
+    │   │   └── MalformedResponseError  a 2xx answer that cannot be read (too large, not JSON, not the shape)
     │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew: stop
     │       └── RefusedParametersError  InvalidParameter*, HTTP 413/414: the request's parameters or size
     └── BrokerError                   the RabbitMQ connection or topology failed
-        └── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
+        ├── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
+        └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...)
 
 ``RETRYABLE`` names the classes the run loop may retry; anything else stops the process with one clear line.
 """
@@ -22,8 +24,10 @@ __all__ = [
     "RETRYABLE",
     "BridgeError",
     "BrokerError",
+    "BrokerRefusedError",
     "BrokerUnavailableError",
     "FatalUpstreamError",
+    "MalformedResponseError",
     "RefusedParametersError",
     "RetryableUpstreamError",
     "SettingsError",
@@ -89,6 +93,13 @@ class ThrottledError(RetryableUpstreamError):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 
+class MalformedResponseError(RetryableUpstreamError):
+    """A 2xx answer that cannot be read: over the size cap, not JSON, nested too deep, or not the documented shape.
+
+    Retryable: the next answer may be whole. Never counts as an empty backlog.
+    """
+
+
 class FatalUpstreamError(UpstreamError):
     """A failure that retrying cannot fix: wrong credentials, wrong signature, wrong clock, bad parameters."""
 
@@ -107,6 +118,13 @@ class BrokerError(BridgeError):
 
 class BrokerUnavailableError(BrokerError):
     """The broker cannot be reached or the connection was lost."""
+
+
+class BrokerRefusedError(BrokerError):
+    """The broker refused the login, the virtual host or a permission; the message carries the broker's reason.
+
+    Fatal at start (the configuration is wrong); retried during a run, since permissions can come back.
+    """
 
 
 RETRYABLE: tuple[type[BridgeError], ...] = (RetryableUpstreamError, BrokerUnavailableError)

@@ -40,6 +40,7 @@ from bridge.errors import (
     UpstreamError,
 )
 from bridge.metrics import Metrics
+from bridge.records import RawRecord
 from bridge.settings import Settings
 from bridge.signing import Credentials, SignatureV1Auth, SignatureV3Auth, percent_encode
 
@@ -61,18 +62,6 @@ _SNIPPET_CHARS = 200
 _XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("Code", "Message", "RequestId")}
 # The token's value inside an echoed V1 string to sign (any level of encoding) or V3 canonical request.
 _TOKEN_IN_ECHO = re.compile(r"(SecurityToken(?:=|%3D|%253D)|x-acs-security-token:)(.*?)(?=&|%26|\s|\\n|$)", re.I)
-
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """One TaskDetail exactly as the upstream sent it, next to its ``TaskDetailNo`` when that is usable.
-
-    ``raw`` is whatever JSON value stood in the list (normally a dict); ``detail_no`` is a non-empty string
-    ``TaskDetailNo`` (looked up case-tolerantly), or ``None`` when the record has none usable.
-    """
-
-    raw: Any
-    detail_no: str | None
 
 
 @dataclass(frozen=True, slots=True)

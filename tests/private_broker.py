@@ -1,0 +1,168 @@
+"""A private RabbitMQ node for the tests that must break a broker: restart it, alarm it, give it TLS or users.
+
+The machine's broker on 127.0.0.1:5672 is shared with other programs, so no test restarts, stops or alarms it.
+A test that needs to do so starts a node of its own here: its own node name, AMQP port, distribution port,
+data and log directories and config file, driven with ``rabbitmqctl -n NODE ...``, and stopped when the test
+is done. Starting one takes a few seconds, so fixtures share a node per module where the tests allow it.
+
+Under ``CI=true`` a missing RabbitMQ installation fails the test; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+__all__ = ["PrivateNode", "free_port", "private_node", "require_rabbitmq_server"]
+
+# RabbitMQ's CLI tools take distribution ports from 35672-35682; 25672 is the machine broker's distribution port.
+_RESERVED = set(range(35672, 35683)) | {4369, 5672, 15672, 25672}
+_START_TIMEOUT_S = 90
+
+
+def require_rabbitmq_server() -> None:
+    """Fail under CI, skip elsewhere, when rabbitmq-server or rabbitmqctl is not installed."""
+    if shutil.which("rabbitmq-server") and shutil.which("rabbitmqctl"):
+        return
+    message = "rabbitmq-server and rabbitmqctl are needed to start a private broker node"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, outside the ports RabbitMQ and its CLI tools use."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _RESERVED:
+            return port
+
+
+@dataclass
+class PrivateNode:
+    """One RabbitMQ node of a test's own. ``config`` holds extra ``rabbitmq.conf`` lines."""
+
+    config: Sequence[str] = ()
+    name: str = field(default_factory=lambda: f"tb-{uuid.uuid4().hex[:10]}@localhost")
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tb-node-")))
+
+    @property
+    def url(self) -> str:
+        """The AMQP URL of the node's plain listener, as the default guest user (allowed from loopback)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def log_file(self) -> Path:
+        return self.base / "log" / f"{self.name}.log"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "RABBITMQ_NODENAME": self.name,
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.base / "log"),
+                "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+                "RABBITMQ_PID_FILE": str(self.base / "node.pid"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            }
+        )
+        return env
+
+    def write_file(self, name: str, text: str) -> Path:
+        """A file in the node's directory, readable by the broker (which runs as the ``rabbitmq`` user)."""
+        path = self.base / name
+        path.write_text(text, encoding="utf-8")
+        _give_to_broker(path)
+        return path
+
+    def start(self) -> None:
+        """Start the node and wait until it accepts AMQP connections."""
+        require_rabbitmq_server()
+        for sub in ("mnesia", "log"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        lines = [f"listeners.tcp.1 = 127.0.0.1:{self.port}", "loopback_users.guest = true", *self.config]
+        self.write_file("rabbitmq.conf", "\n".join(lines) + "\n")
+        if not (self.base / "enabled_plugins").exists():
+            self.write_file("enabled_plugins", "[].\n")
+        _give_to_broker(self.base)
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True, capture_output=True)
+        # `wait PIDFILE` waits for the node to register and then for the broker to start.
+        pid_file = str(self.base / "node.pid")
+        self.ctl("wait", pid_file, "--timeout", str(_START_TIMEOUT_S), timeout_s=_START_TIMEOUT_S + 10)
+        self.wait_for_port()
+
+    def wait_for_port(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    message = f"{self.name} does not answer on port {self.port}; see {self.log_file}"
+                    raise RuntimeError(message) from None
+                time.sleep(0.1)
+
+    def ctl(self, *args: str, timeout_s: float = 60.0) -> str:
+        """``rabbitmqctl -n NODE args...``; its standard output, or RuntimeError naming what failed."""
+        process = subprocess.run(
+            ["rabbitmqctl", "-n", self.name, *args], capture_output=True, text=True, timeout=timeout_s
+        )
+        if process.returncode != 0:
+            output = (process.stdout + process.stderr)[-800:]
+            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: {output}")
+        return process.stdout
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup", "--timeout", str(_START_TIMEOUT_S), timeout_s=_START_TIMEOUT_S + 10)
+        self.wait_for_port()
+
+    def stop(self) -> None:
+        """Stop the node (if running) and remove its files."""
+        with contextlib.suppress(Exception):
+            self.ctl("stop", timeout_s=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _give_to_broker(path: Path) -> None:
+    # rabbitmq-server started as root switches to the rabbitmq user, which must read the config and own its dirs.
+    with contextlib.suppress(KeyError, PermissionError, LookupError, OSError):
+        shutil.chown(path, "rabbitmq", "rabbitmq")
+        if path.is_dir():
+            for child in path.rglob("*"):
+                shutil.chown(child, "rabbitmq", "rabbitmq")
+
+
+@contextlib.contextmanager
+def private_node(config: Sequence[str] = (), files: Mapping[str, str] | None = None) -> Iterator[PrivateNode]:
+    """A started private node, stopped afterwards. ``files`` are written into its directory before it starts."""
+    node = PrivateNode(config=config)
+    try:
+        for name, text in (files or {}).items():
+            node.base.mkdir(parents=True, exist_ok=True)
+            node.write_file(name, text)
+        node.start()
+        yield node
+    finally:
+        node.stop()
