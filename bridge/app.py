@@ -64,7 +64,7 @@ class App:
             stack.push_async_callback(publisher.close)
             loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
             operator_port = serve_in_background(
-                create_app(self.metrics, loop.ready), settings.metrics_host, settings.metrics_port
+                create_app(self.metrics, loop.not_ready_reason), settings.metrics_host, settings.metrics_port
             )
             _host, self.metrics_port = await stack.enter_async_context(operator_port)
             log.info(

@@ -1,7 +1,8 @@
 """The operator's HTTP port: ``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (ready).
 
-``/readyz`` answers 200 only while the broker connection is open and the last poll succeeded recently, so an
-orchestrator stops routing to (and alerts on) a bridge that is running but cannot deliver.
+``/readyz`` answers 200 only while the bridge can deliver (the broker connection is open and the last poll
+succeeded recently, see :meth:`bridge.loop.BridgeLoop.not_ready_reason`), and otherwise 503 with the reason in
+the body, so an orchestrator stops routing to (and alerts on) a bridge that is running but cannot deliver.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ async def _text(send: Send, status: int, body: str) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-def create_app(metrics: Metrics, ready: Callable[[], bool]) -> ASGIApp:
-    """The ASGI app of the operator's port; ``ready`` is asked on every ``/readyz``."""
+def create_app(metrics: Metrics, not_ready: Callable[[], str | None]) -> ASGIApp:
+    """The ASGI app of the operator's port; ``not_ready`` (None when ready, else why not) is asked per ``/readyz``."""
     metrics_app = make_asgi_app(registry=metrics.registry)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,10 +46,11 @@ def create_app(metrics: Metrics, ready: Callable[[], bool]) -> ASGIApp:
         elif path == "/healthz":
             await _text(send, 200, "ok\n")
         elif path == "/readyz":
-            if ready():
+            reason = not_ready()
+            if reason is None:
                 await _text(send, 200, "ready\n")
             else:
-                await _text(send, 503, "not ready: broker disconnected or no recent successful poll\n")
+                await _text(send, 503, f"not ready: {reason}\n")
         else:
             await _text(send, 404, "not found\n")
 

@@ -118,13 +118,20 @@ class BridgeLoop:
 
     # --- readiness ---
     def ready(self) -> bool:
-        """Broker connection open and a poll succeeded within ``ready_max_poll_age_s``."""
+        """Whether the bridge can deliver now (see :meth:`not_ready_reason`)."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """None while the bridge can deliver; otherwise the failing check, one line for ``/readyz``'s body."""
+        if not self._publisher.connected:
+            return "broker: not connected"
         last = self.last_poll_ok
-        return (
-            self._publisher.connected
-            and last is not None
-            and time.monotonic() - last <= self._settings.ready_max_poll_age_s
-        )
+        if last is None:
+            return "upstream: no successful poll yet"
+        age = time.monotonic() - last
+        if age > self._settings.ready_max_poll_age_s:
+            return f"upstream: last successful poll {age:.0f}s ago (limit {self._settings.ready_max_poll_age_s:g}s)"
+        return None
 
     def _count_acknowledged(self, count: int) -> None:
         self.progress.acknowledged += count
