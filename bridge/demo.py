@@ -21,7 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import App
-from bridge.errors import BrokerError, BrokerUnavailableError
+from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
 from bridge.loop import Progress
 from bridge.settings import Settings
 from bridge.simulator import Faults, Simulator, running
@@ -62,6 +62,12 @@ def demo_overrides(poll_interval_s: float) -> dict[str, object]:
         "metrics_port": 0,  # never clash with a bridge already running on 9108
         "poll_interval_s": poll_interval_s,
     }
+
+
+def _reply(exc: BaseException) -> str:
+    """The broker's reply text on one line (aiormq puts it first, e.g. ``ACCESS_REFUSED - access to queue …``)."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(text.split())[:300]
 
 
 class _Counts:
@@ -113,11 +119,18 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
                 # bind before the first event is published.
                 await declare(channel, settings.exchange)
                 events = await bind_temporary_queue(channel, settings.exchange, "#")
-                invalid = await bind_temporary_queue(channel, settings.invalid_exchange)
+                invalid = await bind_temporary_queue(channel, settings.invalid_exchange, prefix_of=settings.exchange)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise BrokerError(
                     f"exchange {settings.exchange!r} exists with other settings ({exc.args[0] if exc.args else exc}); "
                     "set BRIDGE_EXCHANGE to another name"
+                ) from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                # The demo's user needs the bridge's rights plus its temporary queues (<exchange>.tail.*).
+                raise BrokerRefusedError(
+                    f"broker refused the demo's topology or its temporary queues ({_reply(exc)}); the user of "
+                    f"BRIDGE_AMQP_URL needs configure, write and read on {settings.exchange!r}, its .unrouted and "
+                    f".invalid names and {settings.exchange + '.tail.'!r}* (see deploy/rabbitmq/definitions.json)"
                 ) from None
 
             async def on_event(message: AbstractIncomingMessage) -> None:

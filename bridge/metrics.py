@@ -6,7 +6,7 @@ a test checks they agree. Label values are small fixed sets (never ids, domains 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from bridge import __version__
 
@@ -27,6 +27,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, open fds, start time: the alerts age a bridge that never polled from it) and
+        # python_info, as every Prometheus client exports them; on this registry, since it is not the default one.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.info = Info("bridge", "task-bridge build information.", registry=r)
         self.info.info({"version": __version__})
         self.polls = Counter("bridge_polls", "PollTaskResult pages requested, by outcome.", ["outcome"], registry=r)

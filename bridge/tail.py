@@ -1,8 +1,12 @@
 """``task-bridge tail [PATTERN]``: watch the events (or the invalid records) as they reach the broker.
 
-A temporary queue (server-named, exclusive, auto-delete: it vanishes with the connection) is bound to the
-events exchange with a routing pattern, ``#`` by default, or to ``<exchange>.invalid`` with ``invalid=True``.
-Only the broker settings are needed. It never takes anything from the bridge's own queues: a tail sees copies.
+A temporary queue (exclusive, auto-delete: it vanishes with the connection) is bound to the events exchange with
+a routing pattern, ``#`` by default, or to ``<exchange>.invalid`` with ``invalid=True``. Only the broker settings
+are needed. It never takes anything from the bridge's own queues: a tail sees copies.
+
+The queue is named ``<exchange>.tail.<random>`` rather than left to the server (``amq.gen-…``): declaring a queue
+needs the *configure* permission on its name, and a prefix lets a broker grant exactly that to the users who tail
+(``deploy/rabbitmq/definitions.json`` does), where a server-generated name would need configure on ``amq.gen-.*``.
 
 One line per message: ``time  routing-key  domain  status  id`` (an invalid record adds its validation
 error), or with ``as_json`` the body as one JSON line (an invalid record as ``{"message_id", "routing_key",
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import Callable
 from datetime import UTC
 from typing import Any, TextIO
@@ -26,7 +31,12 @@ from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.events import VALIDATION_ERROR_HEADER
 from bridge.settings import Settings
 
-__all__ = ["bind_temporary_queue", "format_json", "format_line", "tail"]
+__all__ = ["bind_temporary_queue", "format_json", "format_line", "tail", "temporary_queue_name"]
+
+
+def temporary_queue_name(exchange: str) -> str:
+    """A fresh ``<exchange>.tail.<random>`` name: the prefix a broker's permissions can grant to tailing users."""
+    return f"{exchange}.tail.{secrets.token_hex(6)}"
 
 
 def _json_or_none(body: bytes) -> Any:
@@ -95,10 +105,15 @@ def format_json(message: AbstractIncomingMessage) -> str:
 
 
 async def bind_temporary_queue(
-    channel: aio_pika.abc.AbstractChannel, exchange: str, pattern: str = "#"
+    channel: aio_pika.abc.AbstractChannel, exchange: str, pattern: str = "#", *, prefix_of: str | None = None
 ) -> AbstractQueue:
-    """A server-named, exclusive, auto-delete queue bound to ``exchange``; :class:`BrokerError` if it is absent."""
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    """An exclusive, auto-delete queue bound to ``exchange``; :class:`BrokerError` if the exchange is absent.
+
+    The queue is named by :func:`temporary_queue_name` after ``prefix_of`` (default ``exchange``): the events
+    exchange's name for a tail of ``<exchange>.invalid`` too, so one permission prefix covers both.
+    """
+    name = temporary_queue_name(prefix_of or exchange)
+    queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
     try:
         await queue.bind(exchange, routing_key=pattern)
     except aiormq.exceptions.ChannelNotFoundEntity:
@@ -151,7 +166,7 @@ async def tail(
     try:
         connection.close_callbacks.add(lambda *_: lost.set())
         channel = await connection.channel(publisher_confirms=False)
-        queue = await bind_temporary_queue(channel, exchange, pattern)
+        queue = await bind_temporary_queue(channel, exchange, pattern, prefix_of=settings.exchange)
         await queue.consume(on_message, no_ack=True)
         if on_ready is not None:
             shown = "every invalid record" if invalid else f"pattern {pattern!r}"

@@ -159,7 +159,9 @@ def test_every_bind_mounted_file_exists(services: dict[str, Any]) -> None:
 def test_rabbitmq_loads_the_definitions_and_has_a_health_check(services: dict[str, Any]) -> None:
     rabbitmq = services["rabbitmq"]
     assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
-    assert {"5672:5672", "15672:15672"} <= {str(p) for p in rabbitmq["ports"]}
+    # Published beside the quickstart's local broker (5672/15672), never over it; tests/test_compose_path.py
+    # runs the documented host commands against these ports.
+    assert {"5673:5672", "15673:15672"} <= {str(p) for p in rabbitmq["ports"]}
     mounts = _host_volumes(rabbitmq)
     conf_targets = [t for t, s in mounts.items() if s.endswith("deploy/rabbitmq/rabbitmq.conf")]
     assert len(conf_targets) == 1
@@ -554,17 +556,29 @@ def test_definitions_create_the_demo_user(definitions: dict[str, Any]) -> None:
     assert {"name": "/"} in [{"name": v["name"]} for v in definitions["vhosts"]]
     permission = next(p for p in definitions["permissions"] if p["user"] == "bridge")
     assert permission["vhost"] == "/"
-    names = [e["name"] for e in definitions["exchanges"]] + [q["name"] for q in definitions["queues"]]
+    topology = describe("domain.tasks")
+    names = [e["name"] for e in topology["exchanges"]] + [q["name"] for q in topology["queues"]]
     for right in ("configure", "write", "read"):
-        for name in names:
+        for name in [*names, "domain.tasks.tail.0123abcd"]:  # its topology, and the demo's temporary queues
             assert re.search(permission[right], name), f"bridge cannot {right} {name}"
+        for name in ("domain.tasks.failures", "amq.gen-abc", "other", "domain.tasksx"):
+            assert not re.search(permission[right], name), f"bridge may {right} {name}"
+
+
+def test_definitions_give_the_other_demo_users_their_passwords(definitions: dict[str, Any]) -> None:
+    users = {u["name"]: u for u in definitions["users"]}
+    assert set(users) == {"bridge", "observer", "consumer"}
+    for name in ("observer", "consumer"):
+        assert _rabbit_password_matches(users[name], name)
+        assert users[name]["tags"] == ""  # no management UI, no policies
+    assert {p["user"] for p in definitions["permissions"]} == set(users)
 
 
 # --- metric names, alert rules, dashboard ---
 
 
 def _metric_tokens(text: str) -> set[str]:
-    return set(re.findall(r"\bbridge_[a-z_]+", text))
+    return set(re.findall(r"\b(?:bridge|process|python)_[a-z_]+", text))
 
 
 @pytest.mark.parametrize(
@@ -597,12 +611,15 @@ def test_alert_rules_are_complete() -> None:
     expressions = {rule["alert"]: rule["expr"] for rule in rules}
     required = {
         "up == 0": "up{",
-        "poll age": "time() - bridge_last_successful_poll_timestamp_seconds",
-        "publish failures": 'bridge_events_published_total{outcome!="ack"}',
+        "poll age": "bridge_last_successful_poll_timestamp_seconds > process_start_time_seconds",
+        "failing polls": 'bridge_polls_total{outcome="error"}',
+        "publish failures": 'bridge_events_published_total{outcome!="ack"}[2m]',
         "confirmed unacknowledged": "bridge_confirmed_unacknowledged",
         "invalid records": "increase(bridge_invalid_records_total",
-        "backlog": "deriv(bridge_upstream_backlog",
+        "backlog": "bridge_upstream_backlog - bridge_upstream_backlog offset 30m",
         "broker": "bridge_broker_connected == 0",
+        "unrouted queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.unrouted"}',
+        "invalid queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.invalid"}',
     }
     for what, fragment in required.items():
         assert any(fragment in expr for expr in expressions.values()), f"no alert on {what}"
