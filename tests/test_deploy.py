@@ -406,7 +406,7 @@ def test_kustomization_lists_existing_manifests() -> None:
     resources = kustomization["resources"]
     for resource in resources:
         assert (K8S / resource).is_file(), resource
-    assert {"deployment.yaml", "service.yaml", "servicemonitor.yaml"} <= set(resources)
+    assert {"deployment.yaml", "service.yaml", "servicemonitor.yaml", "prometheusrule.yaml"} <= set(resources)
     # The example Secret holds placeholders: it is not applied with the rest.
     assert "secret.example.yaml" not in resources
     for manifest in K8S.glob("*.yaml"):
@@ -508,6 +508,25 @@ def test_service_and_servicemonitor_select_the_bridge(deployment: dict[str, Any]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+
+
+def test_operator_resources_carry_the_label_kube_prometheus_stack_selects_on() -> None:
+    # kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by `release: <release name>`.
+    for name in ("servicemonitor.yaml", "prometheusrule.yaml"):
+        assert _k8s(name)["metadata"]["labels"]["release"] == "kube-prometheus-stack", name
+        assert "release: kube-prometheus-stack" in (K8S / name).read_text(encoding="utf-8").split("apiVersion")[0]
+
+
+def test_prometheusrule_is_alerts_yml() -> None:
+    rule = _k8s("prometheusrule.yaml")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == _yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"]
+    # Byte for byte what the generator prints, so a regenerated file never shows a spurious diff.
+    generated = _run([sys.executable, str(DEPLOY / "prometheus" / "prometheusrule.py")], ROOT)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout == (K8S / "prometheusrule.yaml").read_text(encoding="utf-8"), (
+        "regenerate: python deploy/prometheus/prometheusrule.py > deploy/kubernetes/prometheusrule.yaml"
+    )
 
 
 # --- deploy/rabbitmq/definitions.json ---
@@ -637,6 +656,37 @@ def test_alert_rules_check_and_unit_tests_pass() -> None:
         assert result.returncode == 0, f"{' '.join(argv[1:])}:\n{result.stdout}\n{result.stderr}"
     tested = set(re.findall(r"alertname: (\w+)", (prometheus / "alerts.test.yml").read_text(encoding="utf-8")))
     assert len(tested & {rule["alert"] for rule in _alert_rules()}) >= 3
+
+
+def test_every_alert_has_a_true_positive_and_a_quiet_case() -> None:
+    tests = _yaml(DEPLOY / "prometheus" / "alerts.test.yml")["tests"]
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests:
+        for check in case["alert_rule_test"]:
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    alerts = {rule["alert"] for rule in _alert_rules()}
+    assert alerts <= fires, f"no promtool case where these fire: {sorted(alerts - fires)}"
+    assert alerts <= quiet, f"no promtool case where these stay quiet: {sorted(alerts - quiet)}"
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (\w+)$", runbook, flags=re.MULTILINE)
+    alerts = [rule["alert"] for rule in _alert_rules()]
+    assert sorted(sections) == sorted(alerts), "one runbook section per alert, named after it"
+    for rule in _alert_rules():
+        # GitHub's anchor for a heading of one word is that word in lower case.
+        assert rule["annotations"]["runbook_url"] == f"docs/runbook.md#{rule['alert'].lower()}", rule["alert"]
+    for section in re.split(r"^## ", runbook, flags=re.MULTILINE)[1:]:
+        assert "**Means:**" in section and "**Do:**" in section, section.splitlines()[0]
+
+
+def test_process_metrics_are_exported() -> None:
+    names = Metrics().names()
+    for name in ("process_start_time_seconds", "process_cpu_seconds_total", "process_resident_memory_bytes"):
+        assert name in names
+    assert "python_info" in names
 
 
 def _dashboard_panels() -> list[dict[str, Any]]:
