@@ -380,6 +380,93 @@ def test_dockerignore_keeps_the_build_inputs_and_nothing_secret() -> None:
         assert _ignored(path, patterns), f"{path} would be sent to the Docker daemon"
 
 
+# --- deploy/requirements.lock: the image's dependencies, pinned and hashed ---
+
+LOCK = DEPLOY / "requirements.lock"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """The lock file as {canonical name: (version, [sha256 hashes])}."""
+    text = LOCK.read_text(encoding="utf-8")
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", re.sub(r"^#.*\n", "", text, flags=re.MULTILINE)):
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        if match:
+            hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", block)
+            entries[_canonical(match.group(1))] = (match.group(2), hashes)
+    return entries
+
+
+def test_lock_pins_and_hashes_every_runtime_dependency() -> None:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    locked = _locked()
+    assert locked, "deploy/requirements.lock lists nothing"
+    regenerate = "regenerate deploy/requirements.lock with the command in its header (deploy/README.md)"
+    needed = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    for spec in needed:
+        requirement = Requirement(spec)
+        name = _canonical(requirement.name)
+        assert name in locked, f"{requirement.name} (pyproject.toml) is not in the lock: {regenerate}"
+        version, _ = locked[name]
+        satisfied = requirement.specifier.contains(version, prereleases=True)
+        assert satisfied, f"{name}=={version} is not {spec}: {regenerate}"
+    for name, (_, hashes) in locked.items():
+        assert hashes, f"{name} has no hash: pip --require-hashes would refuse the lock"
+
+
+def test_lock_is_closed_over_the_dependencies_of_what_it_pins() -> None:
+    # Every requirement of every locked distribution (as installed here, when it is the locked version) is locked
+    # too, or `pip install --require-hashes` fails in the image build.
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    locked = _locked()
+    environment = {"python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
+    checked = 0
+    for name, (version, _) in locked.items():
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if distribution.version != version:
+            continue
+        checked += 1
+        for spec in distribution.requires or []:
+            requirement = Requirement(spec)
+            if requirement.marker is None or requirement.marker.evaluate(environment):
+                assert _canonical(requirement.name) in locked, f"{name} needs {spec}, which the lock misses"
+    assert checked >= len(locked) // 2, "the lock's versions are not those this environment tests"
+
+
+def test_dockerfile_installs_from_the_lock() -> None:
+    builder = _dockerfile_stages()[1]
+    runs = _instructions(builder, "RUN")
+    lock_install = next(r for r in runs if "requirements.lock" in r)
+    assert "--require-hashes" in lock_install and "--no-deps" in lock_install
+    project_install = next(r for r in runs if re.search(r"pip install [^&]*\.(\s|$)", r))
+    assert "--no-deps" in project_install and "--no-build-isolation" in project_install
+    assert "pip check" in project_install
+    assert runs.index(lock_install) < runs.index(project_install)
+    assert not any("--upgrade pip" in r for r in runs), "an unpinned pip would make the build depend on the day"
+    copies = " ".join(_instructions(builder, "COPY"))
+    assert "deploy/requirements.lock" in copies
+
+
+def test_lock_regeneration_command_is_documented() -> None:
+    header = re.search(r"^#\s+(.*uv pip compile.*)$", LOCK.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert header, "the lock's header names the command that made it"
+    command = header.group(1).strip()
+    assert "--generate-hashes" in command and "-o deploy/requirements.lock" in command
+    assert command in (DEPLOY / "README.md").read_text(encoding="utf-8")
+
+
 # --- deploy/kubernetes ---
 
 
