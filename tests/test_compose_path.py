@@ -202,6 +202,17 @@ async def test_demo_runs_against_the_compose_broker(node: PrivateNode, tmp_path:
     assert sum(1 for line in lines if ".execute_" in line) >= 20  # the events, printed from its own queue
 
 
+async def test_demo_as_a_user_without_its_rights_says_so_in_one_line(node: PrivateNode, tmp_path: Path) -> None:
+    env = command_env(node, "demo")
+    env["BRIDGE_AMQP_URL"] = url_of(node, "consumer")
+    code, out, err = await run_command(env, tmp_path, "demo", "--seconds", "2", "--tasks", "1")
+    assert code == 1
+    assert "Traceback" not in err + out
+    (line,) = err.splitlines()
+    assert line.startswith("task-bridge demo: broker refused the demo's topology or its temporary queues (ACCESS_")
+    assert "'domain.tasks.tail.'*" in line and "consumer:consumer" not in line
+
+
 async def test_tail_runs_as_the_read_only_user(
     node: PrivateNode, tmp_path: Path, bridge_channel: aio_pika.abc.AbstractChannel
 ) -> None:
