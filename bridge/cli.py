@@ -151,10 +151,13 @@ async def _run(settings: Settings, once: bool, progress_interval_s: float | None
                 complete = await app.run(stop, once=True)
         else:
             complete = await app.run(stop)
-    except BridgeError as exc:
+    except (BridgeError, OSError) as exc:
+        # An OSError here is the operating system refusing something at start (the operator port in use, say):
+        # as much a refusal as a BridgeError, and as much worth one line instead of a traceback.
         if once:
             reporter.finish(False)
-        return log_exit(EXIT_FAILURE, f"failed: {_one_line(settings.scrub(str(exc)))}")
+        text = str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
+        return log_exit(EXIT_FAILURE, f"failed: {_one_line(settings.scrub(text))}")
     if once:
         reporter.finish(complete)
     reason = f"stopped by {received.name}" if received.name else "drained" if once else "stopped"
