@@ -13,8 +13,10 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -493,3 +495,81 @@ async def test_run_refused_by_the_broker_ends_with_one_line(node: PrivateNode, e
     assert last["message"].startswith("task-bridge exiting: failed: ") and last["exit_code"] == EXIT_FAILURE
     assert "Traceback" not in output
     assert_no_secret(output, NOBODY[1])
+
+
+# --- the README's example command ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_consumer_command() -> tuple[dict[str, str], list[str]]:
+    """The README's command for the example consumer: its environment assignments and its arguments."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (line,) = [line for line in readme.splitlines() if "examples/failure_consumer.py" in line and "--" in line]
+    words = shlex.split(line)
+    assignments = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        name, _, value = words.pop(0).partition("=")
+        assignments[name] = value
+    return assignments, words
+
+
+@broker
+async def test_the_readme_consumer_command_works_as_written(
+    view: Broker, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    assignments, words = _readme_consumer_command()
+    # As written: the virtual environment's Python (this test's own), run from the repository's root.
+    assert words[0] == ".venv/bin/python" and words[1] == "examples/failure_consumer.py"
+    args = words[2:]
+    args[args.index("--exchange") + 1] = view.exchange  # this test's exchange instead of domain.tasks
+    queue = f"{view.exchange}.failures"
+    try:
+        await _consume_one_failure(view, amqp, assignments, [words[1], *args, "--queue", queue])
+    finally:
+        await view.channel.queue_delete(queue)
+
+
+async def _consume_one_failure(
+    view: Broker, amqp: aio_pika.abc.AbstractRobustConnection, assignments: dict[str, str], args: list[str]
+) -> None:
+    """Run the example with ``args``; publish one failure; it prints it, and stops cleanly on Ctrl-C."""
+    queue = args[-1]
+    env = {**os.environ, **assignments}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def consuming() -> bool:
+        probe = await amqp.channel()  # a passive declare of an absent queue closes its channel
+        try:
+            declared = await probe.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        await probe.close()
+        return declared.declaration_result.consumer_count > 0
+
+    await eventually(consuming, timeout_s=_TIMEOUT_S, what="the example consuming")
+    record = {
+        "TaskDetailNo": "readme-1",
+        "TaskType": "CHG_DNS",
+        "TaskStatus": "EXECUTE_FAILURE",
+        "DomainName": "readme.example",
+        "ErrorMsg": "DNS server unreachable",
+    }
+    item = convert(RawRecord(record, "readme-1"), source="urn:test")
+    assert isinstance(item, Event)
+    exchange = await view.channel.get_exchange(view.exchange)
+    await exchange.publish(item.message(), routing_key=item.routing_key)
+    assert process.stdout is not None
+    printed = await asyncio.wait_for(process.stdout.readline(), _TIMEOUT_S)
+    process.send_signal(signal.SIGINT)
+    _out, err = await asyncio.wait_for(process.communicate(), _TIMEOUT_S)
+    assert process.returncode == 0, err
+    assert b"readme.example" in printed and b"DNS server unreachable" in printed
+    assert err.decode().strip() == "stopped: 1 handled, 0 duplicates, 0 rejected"
