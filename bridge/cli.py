@@ -30,6 +30,7 @@ from bridge import __version__, argtypes
 from bridge.app import App
 from bridge.errors import BridgeError, SettingsError
 from bridge.logs import configure_logging
+from bridge.peek import DEFAULT_COUNT
 from bridge.refusals import CONNECT_ERRORS
 from bridge.runtime import tune_for_service
 from bridge.settings import Settings, load_settings, origins
@@ -200,7 +201,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     _configure_logging(settings, "ERROR")
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    return asyncio.run(_check(settings))
+    return _run_tool("check", settings, _check(settings))
 
 
 # --- peek ---
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "record, and the records the bridge would leave upstream. Needs no broker; changes nothing upstream.",
     )
     peek.add_argument(
-        "--count", type=argtypes.positive_int, default=10, metavar="N", help="details to show (default 10)"
+        "--count", type=argtypes.positive_int, default=DEFAULT_COUNT, metavar="N", help="details to show (default 10)"
     )
     peek.add_argument("--json", action="store_true", help="one JSON object per record")
     peek.set_defaults(handler=_cmd_peek)
