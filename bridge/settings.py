@@ -263,8 +263,11 @@ class Settings(BaseSettings):
         url = self.amqp_url.get_secret_value()
         values = [url]
         userinfo = url.partition("://")[2].rpartition("@")[0]
-        if ":" in userinfo:
-            values.append(userinfo.split(":", 1)[1])
+        user, colon, password = userinfo.partition(":")
+        # A password equal to the user name (guest:guest) hides nothing the masked URL does not show already,
+        # and masking it would blank out the user name wherever it appears.
+        if colon and password != user:
+            values.append(password)
         values += [v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v is not None]
         # Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
         return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)

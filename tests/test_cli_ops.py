@@ -27,6 +27,7 @@ import pytest
 from bridge.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bridge.events import Event, convert
 from bridge.logs import JsonFormatter, TextFormatter, configure_logging
+from bridge.refusals import explain
 from bridge.settings import Settings, env_name
 from bridge.simulator import Faults, Simulator, running
 from bridge.topology import declare
@@ -573,3 +574,11 @@ async def _consume_one_failure(
     assert process.returncode == 0, err
     assert b"readme.example" in printed and b"DNS server unreachable" in printed
     assert err.decode().strip() == "stopped: 1 handled, 0 duplicates, 0 rejected"
+
+
+def test_a_refusal_names_the_guest_user_whose_password_is_its_name() -> None:
+    settings = bridge_settings("x", "amqp://guest:guest@127.0.0.1:5672/tb-nowhere")
+    line = str(explain(aio_pika.exceptions.ProbableAuthenticationError("ACCESS_REFUSED - Login was refused"), settings))
+    assert "user 'guest'" in line and "amqp://guest:***@127.0.0.1:5672/tb-nowhere" in line
+    secret = bridge_settings("x", "amqp://bridge:pw-Kx9@127.0.0.1:5672/")
+    assert secret.scrub("bridge pw-Kx9") == "bridge ***"
