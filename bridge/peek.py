@@ -157,7 +157,8 @@ def summary(result: PeekResult) -> str:
     pending = "an unknown number of" if result.pending is None else f"{result.pending:,}"
     request = f" (RequestId {result.request_id})" if result.request_id else ""
     return (
-        f"peek: {len(kinds)} of {pending} pending task details{request}: {kinds.count('event')} events, "
-        f"{kinds.count('invalid')} invalid, {kinds.count('left_upstream')} left upstream; "
+        f"peek: {len(kinds)} of {pending} pending task details{request}: {kinds.count('event')} "
+        f"event{'' if kinds.count('event') == 1 else 's'}, {kinds.count('invalid')} invalid, "
+        f"{kinds.count('left_upstream')} left upstream; "
         "nothing was published or acknowledged"
     )
