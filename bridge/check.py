@@ -26,7 +26,8 @@ import aiormq
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from bridge.errors import UpstreamError
+from bridge import refusals
+from bridge.errors import BrokerError, UpstreamError
 from bridge.settings import Settings
 from bridge.topology import describe
 from bridge.upstream import UpstreamClient
@@ -123,10 +124,10 @@ async def _check_upstream(settings: Settings, http: httpx.AsyncClient) -> CheckR
 async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list[CheckResult]:
     where = settings.amqp_url_masked
     try:
-        connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
-    except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+        connection = await refusals.connect(settings)
+    except BrokerError as exc:
         return [
-            CheckResult("broker", Status.FAIL, f"cannot connect to {where}: {_describe(exc, scrub)}"),
+            CheckResult("broker", Status.FAIL, _one_line(str(exc))),
             CheckResult("topology", Status.SKIP, "needs the broker"),
         ]
     try:
@@ -230,11 +231,6 @@ def _reply_text(exc: BaseException) -> str:
     args = getattr(exc, "args", ())
     text = args[0] if args and isinstance(args[0], str) else str(exc)
     return _one_line(text)
-
-
-def _describe(exc: BaseException, scrub: Callable[[str], str]) -> str:
-    text = " ".join(str(exc).split()) or "no details"
-    return _one_line(scrub(f"{type(exc).__name__}: {text}"))
 
 
 def _one_line(text: str) -> str:

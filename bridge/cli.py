@@ -1,11 +1,17 @@
-"""The command line: ``task-bridge run [--once]``, ``check``, ``tail``, ``demo`` and ``simulate``.
+"""The command line: ``task-bridge run [--once]``, ``check``, ``peek``, ``config``, ``tail``, ``demo``, ``simulate``.
 
 Exit codes: 0 done, 1 failed at run time (the last line says why), 2 invalid settings or usage,
-130 stopped at once by a second signal.
+130 stopped at once by a second signal. Every refusal a person can meet (invalid settings, a busy port, a broker
+that refuses the login, the virtual host, a permission, a missing exchange, an upstream that refuses the
+credentials) is one line on stderr, never a traceback.
 
-The subcommands' work lives in modules of their own (:mod:`bridge.check`, :mod:`bridge.tail`,
-:mod:`bridge.demo`, :mod:`bridge.progress`, :mod:`bridge.simulator.cli`); this module parses arguments, loads
-settings, installs the signal handlers and turns outcomes into exit codes.
+``run`` logs a start line (version, host, pid, every setting with secrets masked) and a last line saying why the
+process exits (``drained``, ``stopped by SIGTERM``, ``failed: <reason>``) with its exit code.
+
+The subcommands' work lives in modules of their own (:mod:`bridge.check`, :mod:`bridge.peek`,
+:mod:`bridge.configview`, :mod:`bridge.tail`, :mod:`bridge.demo`, :mod:`bridge.progress`,
+:mod:`bridge.simulator.cli`); this module parses arguments, loads settings, installs the signal handlers and
+turns outcomes into exit codes.
 """
 
 from __future__ import annotations
@@ -15,16 +21,19 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from bridge import __version__, argtypes
 from bridge.app import App
 from bridge.errors import BridgeError, SettingsError
 from bridge.logs import configure_logging
+from bridge.peek import DEFAULT_COUNT
+from bridge.refusals import CONNECT_ERRORS
 from bridge.runtime import tune_for_service
-from bridge.settings import Settings, load_settings
+from bridge.settings import Settings, load_settings, origins
 from bridge.simulator.cli import add_parser as add_simulate
 from bridge.simulator.cli import run as run_simulate
 
@@ -51,34 +60,89 @@ def _settings_or_exit(*, credentials: bool = True, overrides: dict[str, Any] | N
     return settings
 
 
-def install_stop_handlers(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: graceful stop. A second one: exit at once."""
+class StopSignal:
+    """Which signal asked the process to stop (``name``, e.g. ``SIGTERM``), once one did."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+
+def install_stop_handlers(stop: asyncio.Event) -> StopSignal:
+    """First SIGTERM/SIGINT: graceful stop. A second one: exit at once. Returns what records the signal."""
     loop = asyncio.get_running_loop()
+    received = StopSignal()
 
     def _on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            log.error("second signal: exiting at once", extra={"signal": signal.Signals(signum).name})
+            log.error(
+                f"task-bridge exiting: second signal ({name}), at once",
+                extra={"signal": name, "reason": "second signal", "exit_code": EXIT_INTERRUPTED},
+            )
             logging.shutdown()
             os._exit(EXIT_INTERRUPTED)
-        log.info(
-            "stopping: finishing publishes and acknowledgements in flight",
-            extra={"signal": signal.Signals(signum).name},
-        )
+        log.info("stopping: finishing publishes and acknowledgements in flight", extra={"signal": name})
+        received.name = name
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, signum)
+    return received
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _configure_logging(settings: Settings, level: str | None = None) -> None:
+    configure_logging(level or settings.log_level, settings.log_format)
+
+
+def _refused(command: str, settings: Settings, exc: BaseException) -> int:
+    """One line on stderr for a failure of an operator command; EXIT_FAILURE."""
+    print(f"task-bridge {command}: {_one_line(settings.scrub(str(exc)))}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _run_tool(command: str, settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run an operator command; a broker error it did not translate itself is still one line, not a traceback."""
+    from bridge.refusals import explain
+
+    try:
+        return asyncio.run(main)
+    except CONNECT_ERRORS as exc:
+        return _refused(command, settings, explain(exc, settings))
 
 
 # --- run ---
+def log_start(settings: Settings, command: str) -> None:
+    """The first line of a run: version, host, pid and every setting (secrets masked)."""
+    log.info(
+        f"task-bridge {__version__} starting: {command}",
+        extra={
+            "version": __version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": command,
+            "settings": settings.masked(),
+        },
+    )
+
+
+def log_exit(code: int, reason: str) -> int:
+    """The last line of a run: why the process exits and with which code; returns ``code``."""
+    level = logging.INFO if code == EXIT_OK else logging.ERROR
+    log.log(level, f"task-bridge exiting: {reason}", extra={"reason": reason, "exit_code": code})
+    return code
+
+
 async def _run(settings: Settings, once: bool, progress_interval_s: float | None) -> int:
     from bridge.progress import ProgressReporter
 
     stop = asyncio.Event()
-    install_stop_handlers(stop)
+    received = install_stop_handlers(stop)
     app = App(settings)
     complete = False
-    failure: BridgeError | None = None
     reporter = ProgressReporter(
         lambda: app.loop.progress if app.loop is not None else None, sys.stderr, interval_s=progress_interval_s
     )
@@ -88,22 +152,27 @@ async def _run(settings: Settings, once: bool, progress_interval_s: float | None
                 complete = await app.run(stop, once=True)
         else:
             complete = await app.run(stop)
-    except BridgeError as exc:
-        failure = exc
+    except (BridgeError, OSError) as exc:
+        # An OSError here is the operating system refusing something at start (the operator port in use, say):
+        # as much a refusal as a BridgeError, and as much worth one line instead of a traceback.
+        if once:
+            reporter.finish(False)
+        text = str(exc) if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
+        return log_exit(EXIT_FAILURE, f"failed: {_one_line(settings.scrub(text))}")
     if once:
         reporter.finish(complete)
-    if failure is not None:
-        # The last line of the log says why the process stopped.
-        log.error(f"task-bridge stopped: {failure}", extra={"error_type": type(failure).__name__})
-        return EXIT_FAILURE
-    return EXIT_OK if complete else EXIT_FAILURE
+    reason = f"stopped by {received.name}" if received.name else "drained" if once else "stopped"
+    if not complete:
+        return log_exit(EXIT_FAILURE, f"{reason}, with confirmed details not acknowledged upstream")
+    return log_exit(EXIT_OK, reason)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     if isinstance(settings, int):
         return settings
-    configure_logging(settings.log_level)
+    _configure_logging(settings)
+    log_start(settings, "run --once" if args.once else "run")
     tune_for_service()
     return asyncio.run(_run(settings, args.once, args.progress_interval))
 
@@ -129,10 +198,47 @@ def _cmd_check(args: argparse.Namespace) -> int:
         sys.stdout.write("check failed: settings\n")
         return EXIT_USAGE
     # The report says what failed; library log lines (aio-pika's connection errors) would only repeat it.
-    configure_logging("ERROR")
+    _configure_logging(settings, "ERROR")
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    return asyncio.run(_check(settings))
+    return _run_tool("check", settings, _check(settings))
+
+
+# --- peek ---
+async def _peek(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge.app import upstream_http_client
+    from bridge.peek import peek, render_json, render_text, summary
+
+    try:
+        async with upstream_http_client(settings) as http:
+            result = await peek(settings, http, args.count)
+    except BridgeError as exc:
+        return _refused("peek", settings, exc)
+    for number, preview in enumerate(result.previews, 1):
+        sys.stdout.write(render_json(preview) + "\n" if args.json else render_text(preview, number))
+    sys.stdout.flush()
+    print(summary(result), file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_peek(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    if isinstance(settings, int):
+        return settings
+    _configure_logging(settings, "WARNING")
+    return _run_tool("peek", settings, _peek(settings, args))
+
+
+# --- config ---
+def _cmd_config(args: argparse.Namespace) -> int:
+    from bridge.configview import config_rows, format_json, format_table
+
+    settings = _settings_or_exit(credentials=False)  # a missing key pair is shown as unset, not refused
+    if isinstance(settings, int):
+        return settings
+    rows = config_rows(settings, origins())
+    sys.stdout.write(format_json(rows) if args.json else format_table(rows))
+    return EXIT_OK
 
 
 # --- tail ---
@@ -156,8 +262,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
             on_ready=lambda text: print(text, file=sys.stderr, flush=True),
         )
     except BridgeError as exc:
-        print(f"task-bridge tail: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _refused("tail", settings, exc)
     return EXIT_OK
 
 
@@ -165,9 +270,9 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=False)  # only the broker settings matter
     if isinstance(settings, int):
         return settings
-    configure_logging("ERROR")
+    _configure_logging(settings, "ERROR")
     try:
-        return asyncio.run(_tail(settings, args))
+        return _run_tool("tail", settings, _tail(settings, args))
     finally:
         # `tail | head`: stdout may be a closed pipe; do not let the interpreter's final flush complain.
         try:
@@ -185,8 +290,7 @@ async def _demo(settings: Settings, options: Any) -> int:
     try:
         complete = await run_demo(settings, options, stop, sys.stdout)
     except BridgeError as exc:
-        print(f"task-bridge demo: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _refused("demo", settings, exc)
     return EXIT_OK if complete else EXIT_FAILURE
 
 
@@ -197,7 +301,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if isinstance(settings, int):
         return settings
     # Warnings and errors of the bridge on stderr; the event lines on stdout stay readable.
-    configure_logging("WARNING")
+    _configure_logging(settings, "WARNING")
     options = DemoOptions(
         tasks=args.tasks,
         rate=args.rate,
@@ -206,7 +310,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         malformed_ratio=args.malformed_ratio,
         summary_interval_s=args.summary_interval,
     )
-    return asyncio.run(_demo(settings, options))
+    return _run_tool("demo", settings, _demo(settings, options))
 
 
 # --- parser ---
@@ -232,6 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
         "2 when the settings are invalid. Changes nothing: no acknowledgement, no declaration.",
     )
     check.set_defaults(handler=_cmd_check)
+
+    peek = commands.add_parser(
+        "peek",
+        help="dry run: poll once and print what would be published; publishes and acknowledges nothing",
+        description="One PollTaskResult call (page 1, PageSize min(N, BRIDGE_PAGE_SIZE)); each detail converted "
+        "as the bridge converts it: exchange, routing key, AMQP properties and body of each event and invalid "
+        "record, and the records the bridge would leave upstream. Needs no broker; changes nothing upstream.",
+    )
+    peek.add_argument(
+        "--count", type=argtypes.positive_int, default=DEFAULT_COUNT, metavar="N", help="details to show (default 10)"
+    )
+    peek.add_argument("--json", action="store_true", help="one JSON object per record")
+    peek.set_defaults(handler=_cmd_peek)
+
+    config = commands.add_parser(
+        "config",
+        help="print the effective settings and where each came from, secrets masked",
+        description="One row per setting: variable, value, origin (environment, .env file, a *_FILE secret "
+        "file, default). Exit 2 with one line per problem when the settings are invalid.",
+    )
+    config.add_argument("--json", action="store_true", help="one JSON object per setting")
+    config.set_defaults(handler=_cmd_config)
 
     tail = commands.add_parser(
         "tail",

@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from bridge import refusals
 from bridge.app import App
-from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
+from bridge.errors import BrokerError
 from bridge.loop import Progress
 from bridge.settings import Settings
 from bridge.simulator import Faults, Simulator, running
@@ -64,12 +64,6 @@ def demo_overrides(poll_interval_s: float) -> dict[str, object]:
     }
 
 
-def _reply(exc: BaseException) -> str:
-    """The broker's reply text on one line (aiormq puts it first, e.g. ``ACCESS_REFUSED - access to queue …``)."""
-    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    return " ".join(text.split())[:300]
-
-
 class _Counts:
     """What the demo's own queues received, next to the bridge's counters."""
 
@@ -102,36 +96,9 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
 
     async with running(sim, "127.0.0.1", 0) as url:
         settings = settings.model_copy(update={"upstream_endpoint": url})
-        try:
-            connection = await aio_pika.connect(
-                settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s
-            )
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-            raise BrokerUnavailableError(
-                f"cannot connect to {settings.amqp_url_masked} ({type(exc).__name__}): start RabbitMQ "
-                "(e.g. `docker compose up -d rabbitmq`) or set BRIDGE_AMQP_URL"
-            ) from None
+        connection = await refusals.connect(settings)
         async with connection:
             counts = _Counts()
-            channel = await connection.channel(publisher_confirms=False)
-            try:
-                # The bridge declares the same topology at start; declaring it first lets the demo's queues
-                # bind before the first event is published.
-                await declare(channel, settings.exchange)
-                events = await bind_temporary_queue(channel, settings.exchange, "#")
-                invalid = await bind_temporary_queue(channel, settings.invalid_exchange, prefix_of=settings.exchange)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise BrokerError(
-                    f"exchange {settings.exchange!r} exists with other settings ({exc.args[0] if exc.args else exc}); "
-                    "set BRIDGE_EXCHANGE to another name"
-                ) from None
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                # The demo's user needs the bridge's rights plus its temporary queues (<exchange>.tail.*).
-                raise BrokerRefusedError(
-                    f"broker refused the demo's topology or its temporary queues ({_reply(exc)}); the user of "
-                    f"BRIDGE_AMQP_URL needs configure, write and read on {settings.exchange!r}, its .unrouted and "
-                    f".invalid names and {settings.exchange + '.tail.'!r}* (see deploy/rabbitmq/definitions.json)"
-                ) from None
 
             async def on_event(message: AbstractIncomingMessage) -> None:
                 counts.events += 1
@@ -141,9 +108,7 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
                 counts.invalid += 1
                 say(format_line(message))
 
-            await events.consume(on_event, no_ack=True)
-            await invalid.consume(on_invalid, no_ack=True)
-
+            channel = await _watch(connection, settings, on_event, on_invalid)
             say(
                 f"demo: simulator at {url} with {options.tasks} task details pending and {options.rate:g} new "
                 f"per second; bridge publishing to {settings.exchange!r} on {settings.amqp_url_masked}"
@@ -168,6 +133,37 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
             with contextlib.suppress(Exception):
                 await channel.close()
     return complete
+
+
+async def _watch(
+    connection: AbstractConnection,
+    settings: Settings,
+    on_event: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    on_invalid: Callable[[AbstractIncomingMessage], Awaitable[None]],
+) -> AbstractChannel:
+    """Declare the topology and consume every event and invalid record from temporary queues; the channel.
+
+    Raises :class:`BrokerError` naming the problem when the broker refuses any of it.
+    """
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        # The bridge declares the same topology at start; declaring it first lets the demo's queues bind
+        # before the first event is published.
+        await declare(channel, settings.exchange)
+        events = await bind_temporary_queue(channel, settings.exchange, "#")
+        invalid = await bind_temporary_queue(channel, settings.invalid_exchange, prefix_of=settings.exchange)
+        await events.consume(on_event, no_ack=True)
+        await invalid.consume(on_invalid, no_ack=True)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise BrokerError(
+            f"exchange {settings.exchange!r} exists with other settings ({exc.args[0] if exc.args else exc}); "
+            "set BRIDGE_EXCHANGE to another name"
+        ) from None
+    except refusals.CONNECT_ERRORS as exc:
+        # The demo's user needs the bridge's rights plus its temporary queues (<exchange>.tail.*).
+        doing = f"declaring the demo's topology and its temporary queues ({settings.exchange + '.tail.'!r}*)"
+        raise refusals.explain(exc, settings, doing) from None
+    return channel
 
 
 async def _report_until_stopped(

@@ -14,11 +14,17 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from bridge.errors import SettingsError
 
-__all__ = ["API_FLAVOURS", "SECRET_FIELDS", "Settings", "env_name", "load_settings"]
+__all__ = ["API_FLAVOURS", "SECRET_FIELDS", "Settings", "env_name", "load_settings", "origins"]
 
 # Endpoint and API version of the two flavours of the Domain API; request and response fields are identical.
 API_FLAVOURS: dict[str, tuple[str, str]] = {
@@ -36,7 +42,11 @@ SECRET_FIELDS = ("access_key_id", "access_key_secret", "security_token", "amqp_u
 
 
 def env_name(field: str) -> str:
-    """The environment variable that sets ``field``."""
+    """The environment variable that sets ``field`` (``BRIDGE_REQUEST_TIMEOUT_SECONDS`` for ``request_timeout_s``)."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
     return _CREDENTIAL_ENV.get(field, f"BRIDGE_{field.upper()}")
 
 
@@ -138,6 +148,8 @@ class Settings(BaseSettings):
         default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_READY_MAX_POLL_AGE_SECONDS")
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # None: text when stderr is a terminal, JSON otherwise (decided where the logs are configured).
+    log_format: Literal["json", "text"] | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -160,6 +172,7 @@ class Settings(BaseSettings):
         "instance_id",
         "task_no",
         "user_client_ip",
+        "log_format",
         mode="before",
     )
     @classmethod
@@ -181,6 +194,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("upstream_endpoint")
     @classmethod
@@ -245,8 +263,11 @@ class Settings(BaseSettings):
         url = self.amqp_url.get_secret_value()
         values = [url]
         userinfo = url.partition("://")[2].rpartition("@")[0]
-        if ":" in userinfo:
-            values.append(userinfo.split(":", 1)[1])
+        user, colon, password = userinfo.partition(":")
+        # A password equal to the user name (guest:guest) hides nothing the masked URL does not show already,
+        # and masking it would blank out the user name wherever it appears.
+        if colon and password != user:
+            values.append(password)
         values += [v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v is not None]
         # Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
         return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
@@ -256,6 +277,20 @@ class Settings(BaseSettings):
         for secret in self.secret_values():
             text = text.replace(secret, "***")
         return text
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by field name, safe to show: secrets as ``***`` (or ``None``), the AMQP URL masked."""
+        values: dict[str, Any] = {}
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            if field == "amqp_url":
+                value = self.amqp_url_masked
+            elif isinstance(value, SecretStr):
+                value = "***"
+            elif isinstance(value, str):
+                value = self.scrub(value)
+            values[field] = value
+        return values
 
     def require_credentials(self) -> None:
         """Raise :class:`SettingsError` when the access key pair is missing (needed by every upstream call)."""
@@ -275,6 +310,35 @@ def _describe(error: Any) -> str:
     if value is None or isinstance(value, dict):
         return f"{name}: {why}"
     return f"{name}: {why} (got {value!r})"
+
+
+def origins() -> dict[str, str]:
+    """Where each setting's value comes from, by field name, in the order :class:`Settings` reads them.
+
+    ``environment``, ``file <path> (<VAR>_FILE)`` for a secret read from a file, ``.env file`` or ``default``.
+    Call it after :func:`load_settings` succeeded (a secret file it cannot read raises :class:`SettingsError`).
+    """
+    names = {field: {field.lower(), env_name(field).lower()} for field in Settings.model_fields}
+
+    def field_of(key: str) -> str | None:
+        return next((field for field, known in names.items() if key.lower() in known), None)
+
+    dotenv = f"{Settings.model_config.get('env_file')} file"
+    layers: list[dict[str, str]] = [
+        dict.fromkeys(EnvSettingsSource(Settings)(), "environment"),
+        {
+            field: f"file {os.environ[f'{env_name(field)}_FILE']} ({env_name(field)}_FILE)"
+            for field in _SecretFilesSource(Settings)()
+        },
+        dict.fromkeys(DotEnvSettingsSource(Settings)(), dotenv),
+    ]
+    found: dict[str, str] = {}
+    for layer in layers:
+        for key, origin in layer.items():
+            field = field_of(key)
+            if field is not None:
+                found.setdefault(field, origin)
+    return {field: found.get(field, "default") for field in Settings.model_fields}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -27,6 +27,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from bridge import refusals
 from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.events import VALIDATION_ERROR_HEADER
 from bridge.settings import Settings
@@ -141,10 +142,7 @@ async def tail(
     :class:`BrokerError` when the broker cannot be reached, the exchange is absent or the connection is lost.
     """
     exchange = settings.invalid_exchange if invalid else settings.exchange
-    try:
-        connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
-    except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-        raise BrokerUnavailableError(f"cannot connect to {settings.amqp_url_masked}: {type(exc).__name__}") from None
+    connection = await refusals.connect(settings)
     lost = asyncio.Event()
     printed = 0
     render = format_json if as_json else format_line
@@ -180,7 +178,7 @@ async def tail(
         if lost.is_set() and not stop.is_set():
             raise BrokerUnavailableError("broker connection lost")
     except aiormq.exceptions.AMQPError as exc:
-        raise BrokerError(f"broker refused the tail: {' '.join(str(exc).split())[:300]}") from None
+        raise refusals.explain(exc, settings, f"tail of {exchange!r}") from None
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

@@ -1,6 +1,8 @@
 """Example downstream consumer: prints every Alibaba Cloud Domain task that failed, as task-bridge publishes it.
 
-    python examples/failure_consumer.py --amqp-url amqp://bridge:bridge@127.0.0.1:5672/
+    .venv/bin/python examples/failure_consumer.py --amqp-url amqp://bridge:bridge@127.0.0.1:5672/
+
+(the Python of the project's virtual environment, or any Python with ``aio-pika`` installed).
 
 task-bridge publishes one CloudEvents event per task detail to the topic exchange ``domain.tasks`` with the
 routing key ``<task type>.<task status>`` in lower case, e.g. ``chg_dns.execute_failure``. This consumer:
@@ -30,9 +32,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import AMQPError
+try:
+    import aio_pika
+    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+    from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
+except ModuleNotFoundError as missing:  # a Python without the project's dependencies, e.g. the system's
+    sys.exit(
+        f"failure_consumer.py needs {missing.name}: run it with the virtual environment's Python "
+        "(.venv/bin/python examples/failure_consumer.py) or `pip install aio-pika`"
+    )
 
 __all__ = [
     "EXCHANGE",
@@ -217,6 +225,8 @@ async def declare_queue(
     routing_key: str = ROUTING_KEY,
 ) -> AbstractQueue:
     """Declare the consumer's queue and bind it to ``exchange`` (which must exist: the bridge declares it)."""
+    # Only checks that the exchange exists (the bridge owns its arguments), before a queue is left behind.
+    await channel.declare_exchange(exchange, passive=True)
     declared = await channel.declare_queue(queue, durable=True, arguments=QUEUE_ARGUMENTS)
     await declared.bind(exchange, routing_key=routing_key)
     return declared
@@ -277,7 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefetch=args.prefetch,
         )
 
-    stats = asyncio.run(run())
+    try:
+        stats = asyncio.run(run())
+    except ChannelNotFoundEntity:
+        print(
+            f"failure_consumer.py: exchange {args.exchange!r} does not exist: start task-bridge (run or demo) "
+            "once, it declares it, or pass --exchange",
+            file=sys.stderr,
+        )
+        return 1
+    except (AMQPError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        print(f"failure_consumer.py: cannot consume: {type(exc).__name__}: {reason}", file=sys.stderr)
+        return 1
     print(
         f"stopped: {stats.handled} handled, {stats.duplicates} duplicates, {stats.rejected} rejected",
         file=sys.stderr,

@@ -401,8 +401,11 @@ async def test_demo_runs_by_itself_and_acknowledges_the_backlog(view: Broker, br
     assert acknowledged_by_sim >= 50, final
     assert int(stats["acknowledged"]) == acknowledged_by_sim
     assert int(stats["invalid"]) > 0  # --malformed-ratio reached the invalid route ...
-    assert len([line for line in events if "INVALID:" in line]) == int(stats["invalid"])  # ... and was printed
-    assert len(events) == int(stats["published"]) + int(stats["invalid"])
+    # Each id printed once per confirmed publish; a publish whose confirm timed out on a loaded machine is
+    # published again (at least once), so the ids are counted, not the lines.
+    ids = {line: line.split("  INVALID:")[0].split()[-1] for line in events}
+    assert len({ids[line] for line in events if "INVALID:" in line}) == int(stats["invalid"])  # ... and was printed
+    assert len(set(ids.values())) == int(stats["published"]) + int(stats["invalid"])
     valid = [line for line in events if "INVALID:" not in line]
     assert all(re.search(r"\.execute_(success|failure)\s.*EXECUTE_(SUCCESS|FAILURE)\s", line) for line in valid)
     assert "Traceback" not in err

@@ -1,0 +1,108 @@
+"""A broker's refusal as a person reads it: one line naming the problem and the fix, never a traceback.
+
+aiormq reports refusals in protocol terms: an unknown virtual host, or one the user may not use, arrives as
+``InvalidFrameError: Expected one of ['Connection.OpenOk'], got <Connection.Close ...>`` (the broker's reply text
+is lost on the way); a missing permission as a channel closed with ``ACCESS_REFUSED``. :func:`explain` turns
+each into a :class:`BrokerError` of :mod:`bridge.errors` whose message says what is wrong with which user,
+virtual host or entity, and what to check; :func:`connect` is ``aio_pika.connect`` with that translation, for the
+operator commands (``tail``, ``demo``, ``check``). Messages never carry the AMQP password.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
+from bridge.settings import Settings
+
+__all__ = ["CONNECT_ERRORS", "connect", "explain", "user_and_vhost"]
+
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, OSError, aiormq.exceptions.AMQPError)
+"""What ``aio_pika.connect`` and channel operations raise for a broker-side problem."""
+
+_MAX_REPLY_CHARS = 300
+
+
+def user_and_vhost(settings: Settings) -> tuple[str, str]:
+    """The user name and the virtual host that ``BRIDGE_AMQP_URL`` asks for (aio-pika's reading of the URL)."""
+    parts = urlsplit(settings.amqp_url.get_secret_value())
+    user = unquote(parts.username) if parts.username else "guest"
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return user, unquote(path) or "/"
+
+
+def _reply(exc: BaseException) -> str:
+    # aiormq puts the broker's reply text (e.g. "ACCESS_REFUSED - access to queue ...") first.
+    args = getattr(exc, "args", ())
+    text = args[0] if args and isinstance(args[0], str) else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= _MAX_REPLY_CHARS else text[: _MAX_REPLY_CHARS - 1] + "…"
+
+
+def explain(exc: BaseException, settings: Settings, doing: str | None = None) -> BrokerError:
+    """``exc`` (from aio-pika or aiormq, while ``doing`` something) as a one-line :class:`BrokerError`."""
+    error = _classify(exc, settings)
+    if doing and not isinstance(error, BrokerUnavailableError):
+        error = type(error)(f"{doing}: {error}")
+    return type(error)(settings.scrub(str(error)))
+
+
+def _classify(exc: BaseException, settings: Settings) -> BrokerError:
+    where = settings.amqp_url_masked
+    user, vhost = user_and_vhost(settings)
+    errors = aiormq.exceptions
+    if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
+        return BrokerRefusedError(
+            f"the broker at {where} refused the login of user {user!r} ({_reply(exc)}): "
+            "check the user name and password in BRIDGE_AMQP_URL"
+        )
+    if _refused_vhost(exc):
+        return BrokerRefusedError(
+            f"the broker at {where} refused virtual host {vhost!r} to user {user!r}: the virtual host does not "
+            f"exist or the user has no permission on it; check the path of BRIDGE_AMQP_URL "
+            f"(rabbitmqctl list_vhosts; rabbitmqctl list_user_permissions {user})"
+        )
+    if isinstance(exc, errors.ChannelAccessRefused):
+        return BrokerRefusedError(
+            f"user {user!r} lacks a permission on virtual host {vhost!r} ({_reply(exc)}): grant it "
+            f"(rabbitmqctl set_permissions -p {vhost} {user} ...) or use another user in BRIDGE_AMQP_URL"
+        )
+    if isinstance(exc, errors.ChannelClosed):
+        return BrokerError(f"the broker refused it: {_reply(exc)}")
+    if isinstance(exc, errors.ConnectionClosed):
+        return BrokerUnavailableError(f"the broker at {where} closed the connection: {_reply(exc)}")
+    if isinstance(exc, errors.AMQPError):
+        return BrokerError(f"broker error on {where}: {type(exc).__name__}: {_reply(exc)}")
+    if isinstance(exc, TimeoutError):
+        return BrokerUnavailableError(
+            f"cannot connect to {where}: no answer within {settings.publish_timeout_s:g}s; "
+            "check that RabbitMQ runs there and BRIDGE_AMQP_URL"
+        )
+    reason = getattr(exc, "strerror", None) or _reply(exc)
+    return BrokerUnavailableError(
+        f"cannot connect to {where} ({type(exc).__name__}: {reason}): start RabbitMQ "
+        "(e.g. `docker compose up -d rabbitmq`) or set BRIDGE_AMQP_URL"
+    )
+
+
+def _refused_vhost(exc: BaseException) -> bool:
+    """The broker closed the connection instead of opening the virtual host (530 NOT_ALLOWED)."""
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed):
+        return True
+    if isinstance(exc, aiormq.exceptions.ConnectionClosed):
+        return "NOT_ALLOWED" in _reply(exc) and "vhost" in _reply(exc)
+    # aiormq 7 checks the answer's type before reading a Connection.Close, and loses its reply text.
+    text = _reply(exc)
+    return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in text and "Close" in text
+
+
+async def connect(settings: Settings) -> AbstractConnection:
+    """Connect to ``BRIDGE_AMQP_URL``; every failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
+    try:
+        return await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
+    except CONNECT_ERRORS as exc:
+        raise explain(exc, settings) from None
