@@ -26,13 +26,11 @@ from bridge.events import (
     Event,
     InvalidRecord,
     convert,
-    event_json_schema,
-    main,
-    schema_text,
 )
+from bridge.records import RawRecord
+from bridge.schema import event_json_schema, main, schema_text
 from bridge.settings import Settings
 from bridge.topology import describe
-from bridge.upstream import RawRecord
 from tests.samples import task_detail as detail
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
@@ -71,7 +69,7 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
 
 def test_schema_file_equals_the_code() -> None:
     assert json.loads(SCHEMA_FILE.read_text(encoding="utf-8")) == event_json_schema(), (
-        "contract/event.schema.json drifted: run `python -m bridge.events --write-contract`"
+        "contract/event.schema.json drifted: run `python -m bridge.schema --write-contract`"
     )
     assert SCHEMA_FILE.read_text(encoding="utf-8") == schema_text()
 
