@@ -346,22 +346,28 @@ def _check_required(entry: tuple[str, Any], problems: list[str]) -> Any:
 
 
 def _check_status(status: tuple[str, Any], code: tuple[str, Any], problems: list[str]) -> Any:
-    """TaskStatus, checked, and TaskStatusCode checked against it; returns the TaskStatus value."""
-    status_key, task_status = status
+    """TaskStatus, checked, then TaskStatusCode checked against it; returns the TaskStatus value."""
+    key, task_status = status
     expected_code = TASK_STATUS_CODES.get(task_status) if type(task_status) is str else None
     if expected_code is None:
         if type(task_status) is str and task_status:
-            problems.append(f"{status_key}: {_show(task_status)} is not one of {_STATUS_LIST}")
+            problems.append(f"{key}: {_show(task_status)} is not one of {_STATUS_LIST}")
         else:
-            problems.append(_required_string(status_key, task_status))
+            problems.append(_required_string(key, task_status))
+    if code[1] is not None and code[1] is not _MISSING:
+        _check_status_code(code, status, expected_code, problems)
+    return task_status
+
+
+def _check_status_code(
+    code: tuple[str, Any], status: tuple[str, Any], expected_code: int | None, problems: list[str]
+) -> None:
     key, value = code
-    if value is None or value is _MISSING:
-        return task_status
     if type(value) is not int or not 0 <= value <= 3:
         problems.append(f"{key}: {_show(value)} is not an integer 0-3")
     elif expected_code is not None and value != expected_code:
+        status_key, task_status = status
         problems.append(f"{key}: {value} does not agree with {status_key} {task_status!r} (expects {expected_code})")
-    return task_status
 
 
 def _check_try_count(entry: tuple[str, Any], problems: list[str]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,18 @@ def test_write_contract_regenerates_the_file(tmp_path: Path, capsys: pytest.Capt
     assert "event.schema.json" in capsys.readouterr().out
     assert main([]) == 0
     assert json.loads(capsys.readouterr().out) == event_json_schema()
+
+
+def test_python_m_bridge_schema_writes_the_contract(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.schema", "--write-contract", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "event.schema.json").read_bytes() == SCHEMA_FILE.read_bytes()
 
 
 def test_schema_is_valid_2020_12() -> None:
