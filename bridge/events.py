@@ -42,6 +42,7 @@ body is built by :mod:`bridge.schema`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -95,7 +96,6 @@ RFC3339_UTC_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-
 
 _INVALID_ROUTING_PART: Final = "unknown"
 _MAX_ROUTING_PART: Final = 127  # two parts and the dot fit AMQP's 255-byte short string
-_MAX_ROUTING_KEYS: Final = 1024  # routing keys remembered; the upstream has a few dozen (type, status) pairs
 _UNSAFE_ROUTING = re.compile(r"[^a-z0-9_-]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _UPSTREAM_TIME = re.compile(UPSTREAM_TIME_PATTERN)
@@ -116,7 +116,6 @@ _FIELDS: Final = (
     "DomainName",
 )
 _LOWER_FIELDS: Final = {name.lower(): name for name in _FIELDS}
-_routing_keys: dict[tuple[str, str], str] = {}
 
 
 def routing_key(task_type: object, task_status: object) -> str:
@@ -126,15 +125,14 @@ def routing_key(task_type: object, task_status: object) -> str:
     ``.`` too) becomes ``_``; an empty or ``None`` part becomes ``unknown``; a non-string part is first turned
     into its ``str``; each part is cut to 127 characters so the key fits AMQP's 255-byte limit.
     """
-    if type(task_type) is not str or type(task_status) is not str:
-        return f"{_routing_part(task_type)}.{_routing_part(task_status)}"
-    pair = (task_type, task_status)
-    key = _routing_keys.get(pair)
-    if key is None:
-        if len(_routing_keys) >= _MAX_ROUTING_KEYS:  # odd task types could grow it without bound
-            _routing_keys.clear()
-        key = _routing_keys[pair] = f"{_routing_part(task_type)}.{_routing_part(task_status)}"
-    return key
+    if type(task_type) is str and type(task_status) is str:
+        return _routing_key_of_strings(task_type, task_status)
+    return f"{_routing_part(task_type)}.{_routing_part(task_status)}"
+
+
+@functools.lru_cache(maxsize=1024)  # the upstream has a few dozen (type, status) pairs; odd ones cannot grow it
+def _routing_key_of_strings(task_type: str, task_status: str) -> str:
+    return f"{_routing_part(task_type)}.{_routing_part(task_status)}"
 
 
 def _routing_part(value: object) -> str:
