@@ -104,6 +104,7 @@ _EPOCH: Final = datetime(1970, 1, 1)
 _STATUS_LIST: Final = ", ".join(TASK_STATUS_CODES)
 _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 _MISSING: Final[Any] = object()
+_UNNAMED_PROBLEM: Final = "TaskDetail: holds a value the upstream parser could not represent"
 # Fields the validator reads, and their lower-case spelling for the case-tolerant lookup.
 _FIELDS: Final = (
     "TaskDetailNo",
@@ -420,7 +421,7 @@ def _required_string(key: str, value: Any) -> str:
 def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status: Any) -> InvalidRecord:
     raw = record.raw
     if record.problem is not None:  # the parser's problem first: it is why the record looks as it does
-        problems = [" ".join(record.problem.splitlines()), *problems]
+        problems = [" ".join(record.problem.splitlines()) or _UNNAMED_PROBLEM, *problems]
     try:
         body = encode(raw)
     except ENCODE_ERRORS as exc:

@@ -502,6 +502,13 @@ def test_the_parsers_problem_comes_first_then_the_validation_problems() -> None:
     assert strict_json(invalid.body)["Amount"] == str(decimal.Decimal(HUGE))
 
 
+def test_an_empty_problem_from_the_parser_still_says_why() -> None:
+    invalid = convert(RawRecord(sample(), DETAIL_NO, problem=""), source=SOURCE)
+    assert isinstance(invalid, InvalidRecord)
+    assert invalid.error == "TaskDetail: holds a value the upstream parser could not represent"
+    assert json.loads(invalid.body) == sample()
+
+
 def test_an_integer_too_long_to_represent_is_invalid_and_kept_as_its_digits() -> None:
     raw = sample(Amount=HUGE, Nested={"list": [-HUGE]})
     invalid = invalid_of(raw)
