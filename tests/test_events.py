@@ -715,9 +715,13 @@ _SCALARS = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | _TEXT
 )
-_JSON = st.recursive(
-    _SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=6
-)
+
+
+def _containers_of(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3)
+
+
+_JSON = st.recursive(_SCALARS, _containers_of, max_leaves=6)
 _TIMES = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)).map(
     lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S").rjust(19, "0")
 )
@@ -817,7 +821,7 @@ _HOSTILE = st.recursive(
     _SCALARS
     | st.integers(0, len(_UNCARRIABLE) - 1).map(_uncarriable)
     | st.integers(min_value=1, max_value=2000).map(nested),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    _containers_of,
     max_leaves=6,
 )
 
