@@ -430,15 +430,8 @@ def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status
             problems.append(find_unencodable(raw, exc))
     if not problems:  # cannot happen; an invalid record always says why
         problems.append("TaskDetail: cannot be encoded as JSON")
-    detail_no = record.detail_no
-    if detail_no is not None and _fits_short_string(detail_no):
-        message_id = detail_no
-    else:
-        # Stable across re-polls, so the side queue sees one id per record.
-        seed = body if detail_no is None else detail_no.encode("utf-8", "surrogatepass")
-        message_id = "sha256:" + hashlib.sha256(seed).hexdigest()
     return InvalidRecord(
-        message_id=message_id,
+        message_id=_invalid_message_id(record.detail_no, body),
         error="; ".join(problems),
         body=body,
         routing_key=routing_key(
@@ -446,6 +439,15 @@ def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status
         ),
         timestamp=datetime.now(UTC).replace(microsecond=0),
     )
+
+
+def _invalid_message_id(detail_no: str | None, body: bytes) -> str:
+    """The TaskDetailNo, or ``sha256:<hex>`` of it (of the body without one) when it cannot be a message_id."""
+    if detail_no is not None and _fits_short_string(detail_no):
+        return detail_no
+    # Stable across re-polls, so the side queue sees one id per record.
+    seed = body if detail_no is None else detail_no.encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(seed).hexdigest()
 
 
 def _fits_short_string(text: str) -> bool:
