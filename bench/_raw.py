@@ -24,10 +24,10 @@ import aio_pika
 from pamqp.commands import Basic
 
 from bridge.events import Event, InvalidRecord, convert
+from bridge.records import RawRecord
 from bridge.runtime import tune_for_service
 from bridge.settings import Settings
 from bridge.simulator.generator import DetailGenerator
-from bridge.upstream import RawRecord
 
 __all__ = ["build_events", "main"]
 

@@ -25,34 +25,35 @@ Validation rules (each problem is one line ``<field>: <value> <why>``, several a
 * ``TryCount``, when present, is a non-negative integer;
 * ``CreateTime``, ``UpdateTime``, when present, match ``yyyy-MM-dd HH:mm:ss`` and are real date-times;
 * ``DomainName``, when present, is a string (it becomes the CloudEvents ``subject`` and a header);
-* the TaskDetailNo fits an AMQP ``message_id`` (at most 255 bytes of UTF-8).
+* the TaskDetailNo fits an AMQP ``message_id`` (at most 255 bytes of UTF-8);
+* every value is one JSON can carry: NaN, Infinity, an integer too long to represent, an object that is not a
+  JSON value or nesting too deep for the encoder make the record invalid, the error naming the field and value;
+* the upstream parser found nothing it could not represent: its ``RawRecord.problem`` comes first in the error.
 
 JSON ``null`` counts as "not present" for the optional fields; for a required field it is an error. Integers are
 JSON integers: ``true``/``false``, ``2.0`` and ``"2"`` are not. Field names are looked up case-tolerantly (the
 upstream doc spells ``Taskstatuscode`` once): the exact upstream spelling wins, otherwise the first key equal to
 it ignoring ASCII case. Unknown task types and unknown extra fields are valid; ``data`` keeps every field.
 
-Run ``python -m bridge.events --write-contract [DIR]`` to regenerate ``DIR/event.schema.json`` (default
-``contract``) from :func:`event_json_schema`.
+An invalid record's body is the record as JSON; what JSON cannot carry is rendered as a string there (``"NaN"``,
+the digits of a long integer), so no record is lost. :func:`convert` never raises. The JSON Schema of the event
+body is built by :mod:`bridge.schema`.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import hashlib
-import json
 import re
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 import aio_pika
 from pamqp.commands import Basic
 
-from bridge.upstream import RawRecord
+from bridge.encoding import ENCODE_ERRORS, cut, encode, encode_as_text, find_unencodable, int_text, short_json
+from bridge.records import RawRecord
 
 __all__ = [
     "APP_ID",
@@ -71,10 +72,7 @@ __all__ = [
     "Event",
     "InvalidRecord",
     "convert",
-    "event_json_schema",
-    "main",
     "routing_key",
-    "schema_text",
 ]
 
 EVENT_TYPE: Final = "com.alibabacloud.domain.task.finished.v1"
@@ -98,14 +96,15 @@ RFC3339_UTC_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-
 
 _INVALID_ROUTING_PART: Final = "unknown"
 _MAX_ROUTING_PART: Final = 127  # two parts and the dot fit AMQP's 255-byte short string
-_MAX_SHOWN_CHARS: Final = 80  # a value quoted in an error message is cut here, so errors stay short
 _UNSAFE_ROUTING = re.compile(r"[^a-z0-9_-]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _UPSTREAM_TIME = re.compile(UPSTREAM_TIME_PATTERN)
 _UPSTREAM_OFFSET: Final = timedelta(hours=8)
 _EPOCH: Final = datetime(1970, 1, 1)
 _STATUS_LIST: Final = ", ".join(TASK_STATUS_CODES)
+_PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 _MISSING: Final[Any] = object()
+_UNNAMED_PROBLEM: Final = "TaskDetail: holds a value the upstream parser could not represent"
 # Fields the validator reads, and their lower-case spelling for the case-tolerant lookup.
 _FIELDS: Final = (
     "TaskDetailNo",
@@ -118,10 +117,6 @@ _FIELDS: Final = (
     "DomainName",
 )
 _LOWER_FIELDS: Final = {name.lower(): name for name in _FIELDS}
-# Encoders built once: json.dumps with keyword arguments would build a new encoder per call.
-_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_JSON_ASCII: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-_JSON_LENIENT: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=True)
 
 
 def routing_key(task_type: object, task_status: object) -> str:
@@ -131,11 +126,26 @@ def routing_key(task_type: object, task_status: object) -> str:
     ``.`` too) becomes ``_``; an empty or ``None`` part becomes ``unknown``; a non-string part is first turned
     into its ``str``; each part is cut to 127 characters so the key fits AMQP's 255-byte limit.
     """
+    if type(task_type) is str and type(task_status) is str:
+        return _routing_key_of_strings(task_type, task_status)
+    return f"{_routing_part(task_type)}.{_routing_part(task_status)}"
+
+
+@functools.lru_cache(maxsize=1024)  # the upstream has a few dozen (type, status) pairs; odd ones cannot grow it
+def _routing_key_of_strings(task_type: str, task_status: str) -> str:
     return f"{_routing_part(task_type)}.{_routing_part(task_status)}"
 
 
 def _routing_part(value: object) -> str:
-    text = value if isinstance(value, str) else "" if value is None else str(value)
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    else:
+        try:  # int_text: str() refuses integers of more than 4,300 digits
+            text = int_text(value) if type(value) is int else str(value)
+        except Exception:  # nested too deep for str(): the part is unknown, the error says why
+            text = ""
     if not text:
         return _INVALID_ROUTING_PART
     # ASCII-only lower-casing: str.lower() would turn e.g. the Kelvin sign into "k", which no other
@@ -160,30 +170,39 @@ class Event:
     domain_name: str | None
     timestamp: datetime
 
-    def _fields(self) -> dict[str, Any]:
-        headers: dict[str, Any] = {
-            "task_type": _header_text(self.task_type),
-            "task_status": self.task_status,
-        }
+    def _headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = {"task_type": _header_text(self.task_type), "task_status": self.task_status}
         if self.domain_name is not None:
             headers["domain_name"] = _header_text(self.domain_name)
-        return {
-            "headers": headers,
-            "content_type": EVENT_CONTENT_TYPE,
-            "delivery_mode": aio_pika.DeliveryMode.PERSISTENT,
-            "message_id": self.message_id,
-            "timestamp": self.timestamp,
-            "type": EVENT_TYPE,
-            "app_id": APP_ID,
-        }
+        return headers
 
     def message(self) -> aio_pika.Message:
         """A new persistent AMQP message (aio-pika locks a message once published, so build one per publish)."""
-        return aio_pika.Message(self.body, **self._fields())
+        return aio_pika.Message(
+            self.body,
+            headers=self._headers(),
+            content_type=EVENT_CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            type=EVENT_TYPE,
+            app_id=APP_ID,
+        )
 
     def properties(self) -> Basic.Properties:
         """The properties of :meth:`message`, built directly for the publisher's hot path."""
-        return _amqp_properties(self._fields())
+        # aio-pika's Message costs ~7 µs more per event than these properties, which are what it would send
+        # (priority 0 included, so both paths put the same bytes on the wire).
+        return Basic.Properties(
+            content_type=EVENT_CONTENT_TYPE,
+            headers=self._headers(),
+            delivery_mode=_PERSISTENT,
+            priority=0,
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            message_type=EVENT_TYPE,
+            app_id=APP_ID,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +210,9 @@ class InvalidRecord:
     """A TaskDetail that failed validation, for the ``<exchange>.invalid`` route.
 
     ``message_id`` is the TaskDetailNo, or ``sha256:<hex>`` of it (or of the body when there is none) when it
-    cannot be an AMQP ``message_id``; ``error`` the problems, one line; ``body`` the raw record as JSON;
-    ``routing_key`` the best-effort :func:`routing_key` of its TaskType and TaskStatus (the invalid exchange is
-    fanout, so it only informs); ``timestamp`` the time of the conversion.
+    cannot be an AMQP ``message_id``; ``error`` the problems, one line; ``body`` the raw record as JSON (what
+    JSON cannot carry rendered as a string); ``routing_key`` the best-effort :func:`routing_key` of its TaskType
+    and TaskStatus (the invalid exchange is fanout, so it only informs); ``timestamp`` the time of the conversion.
     """
 
     message_id: str
@@ -202,113 +221,82 @@ class InvalidRecord:
     routing_key: str
     timestamp: datetime
 
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "headers": {VALIDATION_ERROR_HEADER: _header_text(self.error)},
-            "content_type": INVALID_CONTENT_TYPE,
-            "delivery_mode": aio_pika.DeliveryMode.PERSISTENT,
-            "message_id": self.message_id,
-            "timestamp": self.timestamp,
-            "app_id": APP_ID,
-        }
-
     def message(self) -> aio_pika.Message:
         """A new persistent AMQP message carrying the raw record and the error in ``x-validation-error``."""
-        return aio_pika.Message(self.body, **self._fields())
+        return aio_pika.Message(
+            self.body,
+            headers={VALIDATION_ERROR_HEADER: _header_text(self.error)},
+            content_type=INVALID_CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            app_id=APP_ID,
+        )
 
     def properties(self) -> Basic.Properties:
         """The properties of :meth:`message`, built directly for the publisher's hot path."""
-        return _amqp_properties(self._fields())
-
-
-def _amqp_properties(fields: dict[str, Any]) -> Basic.Properties:
-    # aio-pika's Message costs ~7 µs more per event than these properties, which are what it would send.
-    values = dict(fields)
-    values["message_type"] = values.pop("type", None)
-    values["delivery_mode"] = int(values["delivery_mode"])
-    values["priority"] = 0  # aio-pika's Message sends priority 0: keep the two paths byte-identical
-    return Basic.Properties(**values)
+        return Basic.Properties(
+            content_type=INVALID_CONTENT_TYPE,
+            headers={VALIDATION_ERROR_HEADER: _header_text(self.error)},
+            delivery_mode=_PERSISTENT,
+            priority=0,
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            app_id=APP_ID,
+        )
 
 
 def convert(record: RawRecord, *, source: str) -> Event | InvalidRecord:
     """Validate ``record`` and build its :class:`Event`, or an :class:`InvalidRecord` naming every problem.
 
-    ``source`` is the CloudEvents ``source`` (``BRIDGE_EVENT_SOURCE``). Never raises for any JSON value.
+    ``source`` is the CloudEvents ``source`` (``BRIDGE_EVENT_SOURCE``). Never raises: whatever the record holds,
+    it comes back as an event or an invalid record.
     """
+    try:
+        return _convert(record, source)
+    except Exception as exc:  # a bug here must not stop the flow or lose the record: keep it on the invalid route
+        why = " ".join(f"{type(exc).__name__}: {exc}".splitlines())
+        return _invalid(record, [cut(f"TaskDetail: could not be converted ({why})")], None, None)
+
+
+def _convert(record: RawRecord, source: str) -> Event | InvalidRecord:
     raw = record.raw
     if not isinstance(raw, dict):
         return _invalid(record, [f"TaskDetail: {_show(raw)} is not a JSON object"], None, None)
     found = _lookup(raw)
     problems: list[str] = []
-    detail_no = record.detail_no
-    key, value = found["TaskDetailNo"]
-    if type(value) is not str or not value:
-        problems.append(_required_string(key, value))
-    elif detail_no is None:
-        problems.append(f"{key}: {_show(value)} is not usable as an id")
-    elif not _fits_short_string(detail_no):
-        problems.append(f"{key}: {_show(value)} is longer than 255 bytes (AMQP message_id)")
-    key, task_type = found["TaskType"]
-    if type(task_type) is not str or not task_type:
-        problems.append(_required_string(key, task_type))
-    status_key, task_status = found["TaskStatus"]
-    expected_code = TASK_STATUS_CODES.get(task_status) if type(task_status) is str else None
-    if expected_code is None:
-        if type(task_status) is str and task_status:
-            problems.append(f"{status_key}: {_show(task_status)} is not one of {_STATUS_LIST}")
-        else:
-            problems.append(_required_string(status_key, task_status))
-
-    key, value = found["TaskStatusCode"]
-    if value is not None and value is not _MISSING:
-        if type(value) is not int or not 0 <= value <= 3:
-            problems.append(f"{key}: {_show(value)} is not an integer 0-3")
-        elif expected_code is not None and value != expected_code:
-            problems.append(
-                f"{key}: {value} does not agree with {status_key} {task_status!r} (expects {expected_code})"
-            )
-    key, value = found["TryCount"]
-    if value is not None and value is not _MISSING and (type(value) is not int or value < 0):
-        problems.append(f"{key}: {_show(value)} is not a non-negative integer")
-    key, value = found["CreateTime"]
-    if value is not None and value is not _MISSING:
-        _parse_time(key, value, problems)
-    key, value = found["UpdateTime"]
-    updated = None if value is None or value is _MISSING else _parse_time(key, value, problems)
-    key, domain_name = found["DomainName"]
-    if domain_name is _MISSING or domain_name == "":
-        domain_name = None
-    elif domain_name is not None and type(domain_name) is not str:
-        problems.append(f"{key}: {_show(domain_name)} is not a string")
-
-    time_text: str | None = None
-    utc: datetime | None = None
-    if updated is not None:
-        try:
-            utc = updated - _UPSTREAM_OFFSET
-        except OverflowError:
-            problems.append(f"{found['UpdateTime'][0]}: {_show(found['UpdateTime'][1])} is before year 1 in UTC")
-        else:
-            time_text = utc.isoformat() + "Z"
-    if problems:
+    _check_detail_no(found["TaskDetailNo"], record.detail_no, problems)
+    task_type = _check_required(found["TaskType"], problems)
+    task_status = _check_status(found["TaskStatus"], found["TaskStatusCode"], problems)
+    _check_try_count(found["TryCount"], problems)
+    _check_time(found["CreateTime"], problems)
+    updated = _check_time(found["UpdateTime"], problems)
+    domain_name = _check_domain_name(found["DomainName"], problems)
+    utc = _in_utc(found["UpdateTime"], updated, problems)  # after DomainName: the order of the error's parts
+    if problems or record.problem is not None:
         return _invalid(record, problems, task_type, task_status)
-    assert detail_no is not None  # checked above; narrows the type for mypy
+    return _event(record, source, task_type, task_status, domain_name, utc)
 
+
+def _event(
+    record: RawRecord, source: str, task_type: str, task_status: str, domain_name: str | None, utc: datetime | None
+) -> Event | InvalidRecord:
+    detail_no = record.detail_no
+    assert detail_no is not None  # validated; narrows the type for mypy
     envelope: dict[str, Any] = {"specversion": SPECVERSION, "id": detail_no, "source": source, "type": EVENT_TYPE}
     if domain_name is not None:
         envelope["subject"] = domain_name
-    if time_text is not None:
-        envelope["time"] = time_text
+    if utc is not None:
+        envelope["time"] = utc.isoformat() + "Z"
     envelope["datacontenttype"] = DATA_CONTENT_TYPE
-    envelope["data"] = raw
+    envelope["data"] = record.raw
     try:
-        body = _encode(envelope)
-    except ValueError:
-        problems.append("TaskDetail: contains NaN or Infinity, which JSON does not allow")
-        return _invalid(record, problems, task_type, task_status)
+        body = encode(envelope, record.raw)
+    except ENCODE_ERRORS:  # _invalid names the value
+        return _invalid(record, [], task_type, task_status)
     if utc is not None and utc >= _EPOCH:
         timestamp = utc.replace(tzinfo=UTC)
-    else:
+    else:  # AMQP timestamps are unsigned seconds since 1970
         timestamp = datetime.now(UTC).replace(microsecond=0)
     return Event(
         message_id=detail_no,
@@ -338,7 +326,60 @@ def _lookup(raw: dict[Any, Any]) -> dict[str, tuple[str, Any]]:
     return found
 
 
-def _parse_time(key: str, value: Any, problems: list[str]) -> datetime | None:
+def _check_detail_no(entry: tuple[str, Any], detail_no: str | None, problems: list[str]) -> None:
+    key, value = entry
+    if type(value) is not str or not value:
+        problems.append(_required_string(key, value))
+    elif detail_no is None:
+        problems.append(f"{key}: {_show(value)} is not usable as an id")
+    elif not _fits_short_string(detail_no):
+        problems.append(f"{key}: {_show(value)} is longer than 255 bytes (AMQP message_id)")
+
+
+def _check_required(entry: tuple[str, Any], problems: list[str]) -> Any:
+    """The value of a required string field (``_MISSING`` when absent)."""
+    key, value = entry
+    if type(value) is not str or not value:
+        problems.append(_required_string(key, value))
+    return value
+
+
+def _check_status(status: tuple[str, Any], code: tuple[str, Any], problems: list[str]) -> Any:
+    """TaskStatus, checked, then TaskStatusCode checked against it; returns the TaskStatus value."""
+    key, task_status = status
+    expected_code = TASK_STATUS_CODES.get(task_status) if type(task_status) is str else None
+    if expected_code is None:
+        if type(task_status) is str and task_status:
+            problems.append(f"{key}: {_show(task_status)} is not one of {_STATUS_LIST}")
+        else:
+            problems.append(_required_string(key, task_status))
+    if code[1] is not None and code[1] is not _MISSING:
+        _check_status_code(code, status, expected_code, problems)
+    return task_status
+
+
+def _check_status_code(
+    code: tuple[str, Any], status: tuple[str, Any], expected_code: int | None, problems: list[str]
+) -> None:
+    key, value = code
+    if type(value) is not int or not 0 <= value <= 3:
+        problems.append(f"{key}: {_show(value)} is not an integer 0-3")
+    elif expected_code is not None and value != expected_code:
+        status_key, task_status = status
+        problems.append(f"{key}: {value} does not agree with {status_key} {task_status!r} (expects {expected_code})")
+
+
+def _check_try_count(entry: tuple[str, Any], problems: list[str]) -> None:
+    key, value = entry
+    if value is not None and value is not _MISSING and (type(value) is not int or value < 0):
+        problems.append(f"{key}: {_show(value)} is not a non-negative integer")
+
+
+def _check_time(entry: tuple[str, Any], problems: list[str]) -> datetime | None:
+    """The upstream time (naive, Beijing time), or None when absent or invalid (then a problem is added)."""
+    key, value = entry
+    if value is None or value is _MISSING:
+        return None
     if type(value) is not str or _UPSTREAM_TIME.fullmatch(value) is None:
         problems.append(f"{key}: {_show(value)} does not match yyyy-MM-dd HH:mm:ss")
         return None
@@ -349,6 +390,28 @@ def _parse_time(key: str, value: Any, problems: list[str]) -> datetime | None:
         return None
 
 
+def _check_domain_name(entry: tuple[str, Any], problems: list[str]) -> Any:
+    """DomainName, ``None`` when missing or empty (it is then left out of the event)."""
+    key, domain_name = entry
+    if domain_name is _MISSING or domain_name is None or domain_name == "":
+        return None
+    if type(domain_name) is not str:
+        problems.append(f"{key}: {_show(domain_name)} is not a string")
+    return domain_name
+
+
+def _in_utc(entry: tuple[str, Any], updated: datetime | None, problems: list[str]) -> datetime | None:
+    """UpdateTime in UTC (naive), or None when absent, invalid or before year 1 in UTC."""
+    if updated is None:
+        return None
+    try:
+        return updated - _UPSTREAM_OFFSET
+    except OverflowError:
+        key, value = entry
+        problems.append(f"{key}: {_show(value)} is before year 1 in UTC")
+        return None
+
+
 def _required_string(key: str, value: Any) -> str:
     if value is _MISSING:
         return f"{key}: required, missing"
@@ -356,38 +419,35 @@ def _required_string(key: str, value: Any) -> str:
 
 
 def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status: Any) -> InvalidRecord:
+    raw = record.raw
+    if record.problem is not None:  # the parser's problem first: it is why the record looks as it does
+        problems = [" ".join(record.problem.splitlines()) or _UNNAMED_PROBLEM, *problems]
     try:
-        body = _encode(record.raw)
-    except ValueError:  # NaN or Infinity: keep the record as the upstream's JSON dialect wrote it
-        body = _JSON_LENIENT.encode(record.raw).encode("utf-8")
-    detail_no = record.detail_no
-    if detail_no is not None and _fits_short_string(detail_no):
-        message_id = detail_no
-    else:
-        # Stable across re-polls, so the side queue sees one id per record.
-        seed = body if detail_no is None else detail_no.encode("utf-8", "surrogatepass")
-        message_id = "sha256:" + hashlib.sha256(seed).hexdigest()
-    if task_type is _MISSING:
-        task_type = None
-    if task_status is _MISSING:
-        task_status = None
+        body = encode(raw)
+    except ENCODE_ERRORS as exc:
+        body = encode_as_text(raw)
+        if record.problem is None:  # else the parser's problem already names the value
+            problems.append(find_unencodable(raw, exc))
+    if not problems:  # cannot happen; an invalid record always says why
+        problems.append("TaskDetail: cannot be encoded as JSON")
     return InvalidRecord(
-        message_id=message_id,
+        message_id=_invalid_message_id(record.detail_no, body),
         error="; ".join(problems),
         body=body,
-        routing_key=routing_key(task_type, task_status),
+        routing_key=routing_key(
+            None if task_type is _MISSING else task_type, None if task_status is _MISSING else task_status
+        ),
         timestamp=datetime.now(UTC).replace(microsecond=0),
     )
 
 
-def _encode(value: Any) -> bytes:
-    """Compact UTF-8 JSON; raises ValueError for NaN/Infinity."""
-    text = _JSON.encode(value)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate (legal in a JSON \\u escape, not in UTF-8): escape it again, the value is unchanged.
-        return _JSON_ASCII.encode(value).encode("ascii")
+def _invalid_message_id(detail_no: str | None, body: bytes) -> str:
+    """The TaskDetailNo, or ``sha256:<hex>`` of it (of the body without one) when it cannot be a message_id."""
+    if detail_no is not None and _fits_short_string(detail_no):
+        return detail_no
+    # Stable across re-polls, so the side queue sees one id per record.
+    seed = body if detail_no is None else detail_no.encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(seed).hexdigest()
 
 
 def _fits_short_string(text: str) -> bool:
@@ -411,149 +471,11 @@ def _header_text(text: str) -> str:
 def _show(value: Any) -> str:
     """A JSON value for an error message: one line, short; strings quoted as Python does (``'x'``)."""
     if value is None:
-        text = "null"
-    elif value is True or value is False:
-        text = "true" if value else "false"
-    elif isinstance(value, str | int | float):
-        text = repr(value)
-    else:
-        text = _JSON_LENIENT.encode(value)
-    if len(text) > _MAX_SHOWN_CHARS:
-        text = text[: _MAX_SHOWN_CHARS - 1] + "…"
-    return text
-
-
-def _any_case(name: str) -> str:
-    """An ECMA-262 pattern matching ``name`` ignoring ASCII case (JSON Schema has no case-insensitive flag)."""
-    return "^" + "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in name) + "$"
-
-
-def event_json_schema() -> dict[str, Any]:
-    """The JSON Schema (2020-12) of an event body, built from this module's constants.
-
-    Every event :func:`convert` builds validates against it. Fields of ``data`` are described under their
-    upstream spelling; as the validator looks them up ignoring case, a record that spells one differently is
-    still valid (the required ones are checked by a pattern that ignores case).
-    """
-    nullable_int = ["integer", "null"]
-    data_properties: dict[str, Any] = {
-        "TaskDetailNo": {"type": "string", "minLength": 1, "description": "Task detail number; the event id."},
-        "TaskNo": {"description": "Task number."},
-        "TaskType": {
-            "type": "string",
-            "minLength": 1,
-            "description": "Task type, e.g. CHG_DNS; the list is open, unknown types are valid.",
-        },
-        "TaskTypeDescription": {"description": "Task type in the language of the poll's Lang."},
-        "InstanceId": {"description": "Domain instance id."},
-        "DomainName": {"type": ["string", "null"], "description": "Domain name; the event subject."},
-        "TaskStatus": {"enum": list(TASK_STATUS_CODES)},
-        "TaskStatusCode": {
-            "type": nullable_int,
-            "minimum": 0,
-            "maximum": 3,
-            "description": "Agrees with TaskStatus: " + ", ".join(f"{c} {s}" for s, c in TASK_STATUS_CODES.items()),
-        },
-        "TaskResult": {"description": "Task result (a string, sometimes a number)."},
-        "ErrorMsg": {"description": "Execution message."},
-        "TryCount": {"type": nullable_int, "minimum": 0, "description": "Number of retries."},
-        "CreateTime": {
-            "type": ["string", "null"],
-            "pattern": UPSTREAM_TIME_PATTERN,
-            "description": "Creation time, yyyy-MM-dd HH:mm:ss, Beijing time (UTC+8).",
-        },
-        "UpdateTime": {
-            "type": ["string", "null"],
-            "pattern": UPSTREAM_TIME_PATTERN,
-            "description": "Last update time, yyyy-MM-dd HH:mm:ss, Beijing time (UTC+8).",
-        },
-    }
-    required_any_case = [
-        {
-            "$comment": f"requires a key equal to {name!r} ignoring ASCII case",
-            "not": {"propertyNames": {"not": {"pattern": _any_case(name)}}},
-        }
-        for name in ("TaskDetailNo", "TaskType", "TaskStatus")
-    ]
-    agreement = [
-        {
-            "if": {"properties": {"TaskStatus": {"const": status}}, "required": ["TaskStatus"]},
-            "then": {"properties": {"TaskStatusCode": {"enum": [code, None]}}},
-        }
-        for status, code in TASK_STATUS_CODES.items()
-    ]
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"urn:task-bridge:schema:{EVENT_TYPE}",
-        "title": "Alibaba Cloud Domain task detail finished",
-        "description": (
-            "CloudEvents 1.0 structured-mode body of one TaskDetail from PollTaskResult, published by "
-            f"{APP_ID} with content type {EVENT_CONTENT_TYPE}."
-        ),
-        "type": "object",
-        "required": ["specversion", "id", "source", "type", "datacontenttype", "data"],
-        "properties": {
-            "specversion": {"const": SPECVERSION},
-            "id": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 255,
-                "description": "TaskDetailNo; also the AMQP message_id. Equal ids are the same event.",
-            },
-            "source": {"type": "string", "minLength": 1, "description": "Configured (BRIDGE_EVENT_SOURCE)."},
-            "type": {"const": EVENT_TYPE},
-            "subject": {
-                "type": "string",
-                "minLength": 1,
-                "description": "DomainName; absent when the record has none.",
-            },
-            "time": {
-                "type": "string",
-                "format": "date-time",
-                "pattern": RFC3339_UTC_PATTERN,
-                "description": "UpdateTime (Beijing time) converted to UTC; absent when the record has none.",
-            },
-            "datacontenttype": {"const": DATA_CONTENT_TYPE},
-            "data": {
-                "type": "object",
-                "description": (
-                    "The TaskDetail exactly as received: upstream field names and values, unknown fields kept. "
-                    "null counts as absent for optional fields. Field names may differ in case from the "
-                    "upstream spelling (the upstream doc spells TaskStatusCode as Taskstatuscode once)."
-                ),
-                "properties": data_properties,
-                "additionalProperties": True,
-                "allOf": required_any_case + agreement,
-            },
-        },
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bridge.events``: print the event schema, or write it with ``--write-contract [DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m bridge.events", description="Event contract tools.")
-    parser.add_argument(
-        "--write-contract",
-        metavar="DIR",
-        nargs="?",
-        const="contract",
-        help="write DIR/event.schema.json from the code (default DIR: contract)",
-    )
-    args = parser.parse_args(argv)
-    if args.write_contract is None:
-        sys.stdout.write(schema_text())
-        return 0
-    path = Path(args.write_contract) / "event.schema.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(schema_text(), encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
-
-
-def schema_text() -> str:
-    """:func:`event_json_schema` as the text of ``contract/event.schema.json``."""
-    return json.dumps(event_json_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return cut(int_text(value))
+    if isinstance(value, str | float):
+        return cut(repr(value))
+    return short_json(value)

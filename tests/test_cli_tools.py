@@ -23,8 +23,8 @@ import pytest
 from bridge.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bridge.events import Event, InvalidRecord, convert
 from bridge.progress import ProgressReporter, ProgressTracker, Snapshot, format_duration
+from bridge.records import RawRecord
 from bridge.simulator import Faults, Simulator, running
-from bridge.upstream import RawRecord
 from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view
 
 broker = pytest.mark.broker

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,11 @@ from bridge.events import (
     Event,
     InvalidRecord,
     convert,
-    event_json_schema,
-    main,
-    schema_text,
 )
+from bridge.records import RawRecord
+from bridge.schema import event_json_schema, main, schema_text
 from bridge.settings import Settings
 from bridge.topology import describe
-from bridge.upstream import RawRecord
 from tests.samples import task_detail as detail
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
@@ -71,7 +71,7 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
 
 def test_schema_file_equals_the_code() -> None:
     assert json.loads(SCHEMA_FILE.read_text(encoding="utf-8")) == event_json_schema(), (
-        "contract/event.schema.json drifted: run `python -m bridge.events --write-contract`"
+        "contract/event.schema.json drifted: run `python -m bridge.schema --write-contract`"
     )
     assert SCHEMA_FILE.read_text(encoding="utf-8") == schema_text()
 
@@ -82,6 +82,18 @@ def test_write_contract_regenerates_the_file(tmp_path: Path, capsys: pytest.Capt
     assert "event.schema.json" in capsys.readouterr().out
     assert main([]) == 0
     assert json.loads(capsys.readouterr().out) == event_json_schema()
+
+
+def test_python_m_bridge_schema_writes_the_contract(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.schema", "--write-contract", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "event.schema.json").read_bytes() == SCHEMA_FILE.read_bytes()
 
 
 def test_schema_is_valid_2020_12() -> None:

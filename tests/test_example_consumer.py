@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from bridge.events import Event, convert
-from bridge.upstream import RawRecord
+from bridge.records import RawRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
