@@ -112,6 +112,8 @@ class Lease:
         self._channel.close_callbacks.add(self._on_channel_close)
         self._amqp.on_consumer_cancel_callbacks.add(self._on_cancel)
         self._watch = asyncio.create_task(self._probe(probe_interval_s, max_silence_s))
+        if _gone(self._connection) or self._channel.is_closed:  # closed before the callbacks were in place
+            self._lose("lock channel closed while taking the lock")
 
     def _on_connection_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         self._lose(f"broker connection closed ({_describe(exc)})")
@@ -239,7 +241,7 @@ class Leadership:
         """
         try:
             while not stop.is_set():
-                if connection.is_closed:
+                if _gone(connection):
                     raise BrokerUnavailableError("broker connection closed while standing by")
                 lease = await self._attempt(connection)
                 if lease is not None:
@@ -267,7 +269,7 @@ class Leadership:
         except aiormq.exceptions.ChannelNotFoundEntity:
             reason = "the lock queue went away between declare and consume"
         except _BROKEN as exc:
-            if connection.is_closed:
+            if _gone(connection):
                 raise BrokerUnavailableError(f"broker connection closed while standing by: {_describe(exc)}") from None
             reason = f"lock attempt failed ({_describe(exc)})"
         # A failed attempt leaves the channel closed or in doubt: the next attempt opens a fresh one.
@@ -288,8 +290,8 @@ class Leadership:
         await amqp.basic_consume(self.lock_name, _discard, no_ack=True, exclusive=True)
         self._standby_channel = None
         lease = Lease(self, connection, channel, amqp)
-        lease._start(self._probe_interval_s, self._silence_limit(connection))
         self._enter(Role.LEADER, "became leader", "the lock was free")
+        lease._start(self._probe_interval_s, self._silence_limit(connection))
         return lease
 
     def _silence_limit(self, connection: AbstractConnection) -> float:
@@ -303,6 +305,12 @@ class Leadership:
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+
+
+def _gone(connection: AbstractConnection) -> bool:
+    # is_closed turns true only once close() was called; a connection the broker or the network ended says so by
+    # clearing ``connected``.
+    return connection.is_closed or not connection.connected.is_set()
 
 
 async def _discard(_message: Any) -> None:

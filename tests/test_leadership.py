@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from bridge.errors import BrokerUnavailableError
 from bridge.leadership import Leadership, LeadershipMetrics, Lease, Role, lock_name
 from tests.faults_support import TcpProxy, amqp_port
+from tests.private_broker import private_node
 
 pytestmark = pytest.mark.broker
 
@@ -338,3 +339,19 @@ def test_lock_name_and_account_validation() -> None:
     assert lock_name("domain.tasks", "reseller-eu") == "domain.tasks.leader.reseller-eu"
     with pytest.raises(ValueError, match="Bad_Name"):
         Leadership("Bad_Name", "domain.tasks", LeadershipMetrics(CollectorRegistry()))
+
+
+async def test_broker_restart_ends_every_role_and_the_reconnected_elect_one(exchange: str) -> None:
+    """A broker restart (on a private node) closes every connection: no one leads until they reconnect."""
+    with private_node() as node:
+        async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
+            await wait_until(lambda: len(leaders(group)) == 1, 5, "a first leader")
+            await wait_until(lambda: all(c.leadership.role is not Role.IDLE for c in group), 5, "a standby")
+            old = leaders(group)[0]
+            await asyncio.to_thread(node.stop_app)
+            await wait_until(lambda: all(c.leadership.role is Role.IDLE for c in group), 5, "every role ended")
+            assert old.lease is not None and old.lease.lost.is_set()
+            assert all(c.task is not None and c.task.done() for c in group)
+            await asyncio.to_thread(node.start_app)
+        async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
+            await wait_until(lambda: len(leaders(group)) == 1, 5, "a leader after the restart")
