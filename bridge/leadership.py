@@ -239,6 +239,8 @@ class Leadership:
         Raises :class:`BrokerUnavailableError` when ``connection`` closes (the caller reconnects), and
         :class:`BrokerError` when the broker refuses the lock queue for good (permissions, other arguments).
         """
+        if self.role is Role.LEADER:
+            raise RuntimeError(f"{self.lock_name}: acquire() while this process holds the lock")
         try:
             while not stop.is_set():
                 if _gone(connection):

@@ -1,7 +1,8 @@
-"""The election of one active poller per account, against the real broker: exclusivity, takeover bounds, metrics.
+"""The election of one active poller per account, against a real broker: exclusivity, takeover bounds, metrics.
 
 Each contender has a connection of its own, as separate processes would. The takeover times measured here are
-printed (``-s``) and quoted in docs/leadership.md.
+printed (``-s``) and quoted in docs/leadership.md. The module runs on a private RabbitMQ node: the takeover
+bounds are timings, and the machine's shared broker is restarted now and then by the fault-injection suite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from bridge.errors import BrokerUnavailableError
 from bridge.leadership import Leadership, LeadershipMetrics, Lease, Role, lock_name
 from tests.faults_support import TcpProxy, amqp_port
-from tests.private_broker import private_node
+from tests.private_broker import PrivateNode, private_node
 
 pytestmark = pytest.mark.broker
 
@@ -95,6 +96,18 @@ async def contenders(
         for contender in started:
             with contextlib.suppress(Exception):
                 await contender.connection.close()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateNode]:
+    with private_node() as started:
+        yield started
+
+
+@pytest.fixture
+def broker_url(node: PrivateNode) -> str:
+    """The module's private node (overrides conftest's machine broker)."""
+    return node.url
 
 
 @pytest.fixture
@@ -344,17 +357,18 @@ def test_lock_name_and_account_validation() -> None:
         Leadership("Bad_Name", "domain.tasks", LeadershipMetrics(CollectorRegistry()))
 
 
-async def test_broker_restart_ends_every_role_and_the_reconnected_elect_one(exchange: str) -> None:
-    """A broker restart (on a private node) closes every connection: no one leads until they reconnect."""
-    with private_node() as node:
-        async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
-            await wait_until(lambda: len(leaders(group)) == 1, 5, "a first leader")
-            await wait_until(lambda: all(c.leadership.role is not Role.IDLE for c in group), 5, "a standby")
-            old = leaders(group)[0]
-            await asyncio.to_thread(node.stop_app)
+async def test_broker_restart_ends_every_role_and_the_reconnected_elect_one(node: PrivateNode, exchange: str) -> None:
+    """A broker restart closes every connection: no one leads until they reconnect, then one does."""
+    async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
+        await wait_until(lambda: len(leaders(group)) == 1, 5, "a first leader")
+        await wait_until(lambda: all(c.leadership.role is not Role.IDLE for c in group), 5, "a standby")
+        old = leaders(group)[0]
+        await asyncio.to_thread(node.stop_app)
+        try:
             await wait_until(lambda: all(c.leadership.role is Role.IDLE for c in group), 5, "every role ended")
             assert old.lease is not None and old.lease.lost.is_set()
             assert all(c.task is not None and c.task.done() for c in group)
+        finally:
             await asyncio.to_thread(node.start_app)
-        async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
-            await wait_until(lambda: len(leaders(group)) == 1, 5, "a leader after the restart")
+    async with contenders([node.url] * 2, [exchange] * 2, **FAST) as group:
+        await wait_until(lambda: len(leaders(group)) == 1, 5, "a leader after the restart")
