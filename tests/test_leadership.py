@@ -268,6 +268,35 @@ async def test_leader_cut_off_silently_stops_before_the_standby_takes_over(
     )
 
 
+async def test_a_stall_shorter_than_the_heartbeat_ends_the_lease_without_wedging_the_lock(
+    broker_url: str, exchange: str
+) -> None:
+    """The lease check gives up after 6 s of silence, but the broker keeps the connection (4 s heartbeat: 8-12 s).
+
+    The leader closes its lock channel when it gives up; once the link flows again that close frees the lock, so
+    the election goes on instead of waiting behind a consumer nobody uses. Never two leaders meanwhile.
+    """
+    async with TcpProxy(amqp_port(broker_url)) as proxy:
+        via_proxy = f"{proxy.url(broker_url)}?heartbeat=4"
+        async with contenders([via_proxy], [exchange]) as old_group:
+            await wait_until(lambda: old_group[0].leading, 5, "the proxied contender leading")
+            async with contenders([broker_url], [exchange]) as new_group:
+                group = old_group + new_group
+                await wait_until(lambda: new_group[0].leadership.role is Role.STANDBY, 5, "a standby")
+                proxy.stall()
+                deadline = time.monotonic() + 7
+                while time.monotonic() < deadline:
+                    assert len(leaders(group)) <= 1
+                    await asyncio.sleep(0.01)
+                assert not leaders(group), "the cut-off leader still leads after 7 s of silence"
+                lease = old_group[0].lease
+                assert lease is not None and lease.reason is not None and "no answer" in lease.reason
+                proxy.resume()
+                seconds = await wait_until(lambda: len(leaders(group)) == 1, 4, "a leader after the link recovered")
+                assert proxy.cuts == 0 and not old_group[0].connection.is_closed
+    print(f"\nleader again {seconds:.2f} s after a 7 s stall ended")
+
+
 # --- other ways the lock goes -------------------------------------------------------------------------------
 
 
