@@ -71,7 +71,7 @@ def lock_name(exchange: str, account: str) -> str:
 
 
 class LeadershipMetrics:
-    """The election's metrics, registered on the process's registry."""
+    """The election's metrics, registered on the process's registry: build one, share it among the accounts."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.leader = Gauge(
@@ -241,6 +241,7 @@ class Leadership:
         """
         if self.role is Role.LEADER:
             raise RuntimeError(f"{self.lock_name}: acquire() while this process holds the lock")
+        ended = "stopped"
         try:
             while not stop.is_set():
                 if _gone(connection):
@@ -251,10 +252,13 @@ class Leadership:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._rng.uniform(*self._retry_interval_s))
             return None
+        except BaseException as exc:
+            ended = str(exc) or type(exc).__name__
+            raise
         finally:
             await self._close_standby_channel()
             if self.role is Role.STANDBY:
-                self._enter(Role.IDLE, "stopped standing by", "stopped" if stop.is_set() else "connection lost")
+                self._enter(Role.IDLE, "stopped standing by", ended)
 
     async def _attempt(self, connection: AbstractConnection) -> Lease | None:
         try:
