@@ -162,10 +162,10 @@ class Acknowledger:
         try:
             result = await self._upstream.acknowledge(batch)
         except UpstreamError as exc:
-            done: list[str] = exc.acknowledged or []
-            succeeded = set(done)
-            self._settle(done, failed=[d for d in batch if d not in succeeded])
-            self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
+            # One call per batch: a failed call failed for the whole batch (an id it did apply comes back
+            # as unknown to the next call, which is harmless).
+            self._settle([], failed=batch)
+            self._metrics.acknowledgements.labels("failed").inc(len(batch))
             self.failing = True
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)
@@ -180,8 +180,16 @@ class Acknowledger:
             self.failing = False
             self._settle(batch, failed=[])
             self._on_acknowledged(len(batch))
-            self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
-            if result.confirmed < result.sent:
+            if result.confirmed is None:
+                # The call succeeded, but its Result is missing, negative or not a number: count, do not guess.
+                self._metrics.acknowledgements.labels("unknown").inc(result.sent)
+                log.warning(
+                    "upstream answered an acknowledgement without a usable Result",
+                    extra={"sent": result.sent, "request_id": result.request_id},
+                )
+            else:
+                self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
+            if result.confirmed is not None and result.confirmed < result.sent:
                 # Undocumented upstream behaviour (unknown or already acknowledged ids): information only.
                 self._metrics.acknowledgements.labels("not_confirmed").inc(result.sent - result.confirmed)
                 log.info(
@@ -189,7 +197,7 @@ class Acknowledger:
                     extra={
                         "sent": result.sent,
                         "confirmed": result.confirmed,
-                        "request_id": result.request_ids,
+                        "request_id": result.request_id,
                     },
                 )
             self._backoff.reset()

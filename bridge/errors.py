@@ -61,8 +61,6 @@ class UpstreamError(BridgeError):
         status_code: int | None = None,
     ) -> None:
         self.action = action
-        # For a call split into batches: the ids of the batches that succeeded before this failure.
-        self.acknowledged: list[str] | None = None
         self.code = code
         self.request_id = request_id
         self.status_code = status_code
