@@ -189,6 +189,8 @@ class UpstreamClient:
             "x-acs-version": self._version,
             "x-acs-credentials-provider": "static_sts" if settings.security_token is not None else "static_ak",
         }
+        if settings.security_token is not None and settings.signature_version == "v3":
+            self._headers["x-acs-accesskey-id"] = credentials.access_key_id  # as the SDKs send it next to the token
 
     def __repr__(self) -> str:
         return (
