@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -67,6 +67,8 @@ __all__ = [
     "UpstreamClient",
     "ack_id_query_bytes",
 ]
+
+_T = TypeVar("_T")
 
 POLL_ACTION = "PollTaskResult"
 ACKNOWLEDGE_ACTION = "AcknowledgeTaskResult"
@@ -205,8 +207,7 @@ class UpstreamClient:
         """
         size = self._settings.page_size if page_size is None else page_size
         params = [("PageNum", str(page_num)), ("PageSize", str(size)), *self._poll_filters]
-        body, suspect = await self._call(POLL_ACTION, params)
-        page = _parse_page(body, suspect, page_num, size)
+        page = await self._call(POLL_ACTION, params, lambda body, suspect: _parse_page(body, suspect, page_num, size))
         if self._metrics is not None and page.total_items is not None:
             self._metrics.upstream_backlog.set(page.total_items)
         return page
@@ -223,21 +224,24 @@ class UpstreamClient:
         params = [(f"TaskDetailNo.{n}", detail_no) for n, detail_no in enumerate(ids, start=1)]
         if self._settings.user_client_ip:
             params.append(("UserClientIp", self._settings.user_client_ip))
-        body, _ = await self._call(ACKNOWLEDGE_ACTION, params)
-        return AckResult(
-            sent=len(ids), confirmed=_as_count(_get(body, "Result")), request_id=_as_str(_get(body, "RequestId"))
-        )
+        return await self._call(ACKNOWLEDGE_ACTION, params, lambda body, _: _ack_result(len(ids), body))
 
     # --- one request ---
-    async def _call(self, action: str, params: list[tuple[str, str]]) -> tuple[dict[str, Any], bool]:
-        """One signed request: the JSON object of a successful answer (and :func:`_load_json`'s flag)."""
+    async def _call(
+        self, action: str, params: list[tuple[str, str]], parse: Callable[[dict[str, Any], bool], _T]
+    ) -> _T:
+        """One signed request: ``parse`` of the JSON object of a successful answer (and :func:`_load_json`'s flag).
+
+        ``parse`` runs inside the request's accounting: a page it cannot read counts as ``malformed``.
+        """
         query = [("Action", action), ("Version", self._version), ("Lang", self._settings.lang), *params]
         started = time.perf_counter()
         outcome: str | None = None
         try:
-            answer = await self._send(action, query)
+            body, suspect = await self._send(action, query)
+            parsed = parse(body, suspect)
             outcome = "ok"
-            return answer
+            return parsed
         except ThrottledError:
             outcome = "throttled"
             raise
@@ -352,6 +356,10 @@ class UpstreamClient:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _ack_result(sent: int, body: dict[str, Any]) -> AckResult:
+    return AckResult(sent=sent, confirmed=_as_count(_get(body, "Result")), request_id=_as_str(_get(body, "RequestId")))
 
 
 def _error_kind(code: str | None, status: int) -> type[UpstreamError]:
