@@ -206,10 +206,10 @@ class Settings(BaseSettings):
             ssl.create_default_context(cafile=str(value))
         except FileNotFoundError:
             raise ValueError("no such file") from None
+        except ssl.SSLError:  # an OSError too: first
+            raise ValueError("holds no PEM CA certificate") from None
         except OSError as exc:
             raise ValueError(f"cannot read it ({exc.strerror or type(exc).__name__})") from None
-        except ssl.SSLError:
-            raise ValueError("holds no PEM CA certificate") from None
         return value
 
     @field_validator("amqp_url")
