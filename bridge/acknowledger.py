@@ -24,7 +24,7 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.upstream import UpstreamClient
+from bridge.upstream import ACK_IDS_MAX_BYTES, UpstreamClient, ack_id_query_bytes
 
 __all__ = ["ACK_LINGER_S", "Acknowledger"]
 
@@ -148,7 +148,12 @@ class Acknowledger:
 
     def _take(self) -> list[str]:
         batch: list[str] = []
+        query_bytes = 0
         for detail_no in self._pending:
+            # Long ids fill the request line before the batch size does: stop at the byte budget too.
+            query_bytes += ack_id_query_bytes(detail_no, len(batch) + 1)
+            if batch and query_bytes > ACK_IDS_MAX_BYTES:
+                break
             batch.append(detail_no)
             if len(batch) >= self._batch_size:
                 break

@@ -59,6 +59,7 @@ from bridge.signing import Credentials, SignatureV1Auth, SignatureV3Auth, percen
 
 __all__ = [
     "ACKNOWLEDGE_ACTION",
+    "ACK_IDS_MAX_BYTES",
     "ERROR_BODY_MAX_BYTES",
     "POLL_ACTION",
     "AckResult",
@@ -72,6 +73,9 @@ _T = TypeVar("_T")
 
 POLL_ACTION = "PollTaskResult"
 ACKNOWLEDGE_ACTION = "AcknowledgeTaskResult"
+# Most bytes the ``TaskDetailNo.N=<id>&`` parameters of one AcknowledgeTaskResult may take, so its request line
+# stays within 8 KiB with V1's common parameters and an STS token of up to ~1.5 KiB beside them (docs/upstream.md).
+ACK_IDS_MAX_BYTES = 6 * 1024
 # An error body is read only for its Code, Message and RequestId: the rest of a larger one is left unread.
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
