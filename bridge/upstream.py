@@ -100,6 +100,13 @@ _TOKEN_IN_ECHO = re.compile(r"(SecurityToken(?:=|%3D|%253D)|x-acs-security-token
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # A JSON escape that may produce a lone surrogate (only then are the records' strings searched for one).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Strings (skipped whole, escapes included) and brackets: what :func:`_cut_deep` needs to track nesting.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# Deeper than this, in a body the parser could not take at all, a value is cut out and its record is invalid.
+_MAX_DEPTH = 100
+# What stands in for a cut value: noncharacters (U+FDD0) around it, so no upstream text can look the same.
+_TOO_DEEP = f"\ufdd0nested deeper than {_MAX_DEPTH} levels\ufdd0"
+_TOO_DEEP_JSON = json.dumps(_TOO_DEEP)
 # Headers the official SDKs do not send (httpx adds them by default); ``identity`` as the SDKs ask, which also
 # keeps a compressed answer from expanding past the size cap between two reads.
 _DROPPED_HEADERS = ("connection",)
@@ -471,18 +478,17 @@ def _load_json(content: bytes) -> tuple[Any, bool]:
     ``int()`` makes it fail; only then is the body parsed again with an integer hook too.
     """
     numbers = _Numbers()
+    hooks: dict[str, Any] = {"parse_float": numbers.parse_float, "parse_constant": numbers.parse_constant}
     try:
         try:
-            body = json.loads(content, parse_float=numbers.parse_float, parse_constant=numbers.parse_constant)
+            body = json.loads(content, **hooks)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise
         except ValueError:  # an integer past int()'s digit limit: parse again, keeping it as text
-            body = json.loads(
-                content,
-                parse_float=numbers.parse_float,
-                parse_constant=numbers.parse_constant,
-                parse_int=numbers.parse_int,
-            )
+            body = json.loads(content, parse_int=numbers.parse_int, **hooks)
+        except RecursionError:  # nested deeper than the parser goes: parse it with the deep parts cut out
+            body = json.loads(_cut_deep(content.decode("utf-8")), parse_int=numbers.parse_int, **hooks)
+            numbers.found = True
     except json.JSONDecodeError as exc:
         raise _Unreadable(f"is not valid JSON ({exc.msg} at byte {exc.pos})") from None
     except UnicodeDecodeError as exc:
@@ -492,6 +498,33 @@ def _load_json(content: bytes) -> tuple[Any, bool]:
     except ValueError as exc:
         raise _Unreadable(f"cannot be parsed ({' '.join(str(exc).split())[:100]})") from None
     return body, numbers.found or _SURROGATE_ESCAPE.search(content) is not None
+
+
+def _cut_deep(text: str) -> str:
+    """``text`` with every array or object nested deeper than ``_MAX_DEPTH`` replaced by a :data:`_TOO_DEEP` string.
+
+    One pass of a regular expression over strings and brackets (no recursion), so one deep record is cut out
+    of its page and the rest of the page parses; the cut record goes to the invalid route (see :func:`_problem`).
+    """
+    parts: list[str] = []
+    depth = 0
+    cut_from = -1
+    kept_to = 0
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if token == "[" or token == "{":
+            depth += 1
+            if depth == _MAX_DEPTH + 1:
+                cut_from = match.start()
+        elif token == "]" or token == "}":
+            if depth == _MAX_DEPTH + 1 and cut_from >= 0:
+                parts.append(text[kept_to:cut_from])
+                parts.append(_TOO_DEEP_JSON)
+                kept_to = match.end()
+                cut_from = -1
+            depth -= 1
+    parts.append(text[kept_to:])
+    return "".join(parts)
 
 
 def _parse_page(body: dict[str, Any], suspect: bool, page_num: int, page_size: int) -> Page:
@@ -553,6 +586,8 @@ def _problem(item: Any) -> str | None:
             digits = f", {len(value)} characters" if len(value) > _PROBLEM_VALUE_CHARS else ""
             return f"{_path(path)}: number {_cut(value)} cannot be represented{digits}"
         if isinstance(value, str):
+            if value == _TOO_DEEP:
+                return f"{_path(path)}: nested deeper than {_MAX_DEPTH} levels, cannot be represented"
             if _SURROGATE.search(value):
                 return f"{_path(path)}: text {_cut(value)!a} holds a lone surrogate, not valid Unicode"
         elif isinstance(value, dict):

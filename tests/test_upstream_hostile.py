@@ -195,8 +195,9 @@ def test_the_cap_is_a_setting_with_a_floor(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize(
     ("content", "why"),
     [
-        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (b'{"Data": ' * 5000 + b"{}" + b"}" * 5000, "nested too deeply"),
+        (b"[" * 100_000 + b"]" * 100_000, "array, not an object"),
+        (b'{"Data": ' * 5000 + b"{}" + b"}" * 5000, "no Data.TaskDetail"),
+        (b'{"Data": {"TaskDetail": [' + b"[" * 100_000, "nested too deeply"),
         (b'{"RequestId": "R", "Data": {"TaskDetail": [{"TaskDetailNo": "a\xff\xfe"}]}}', "not valid UTF-8"),
         (b'{"RequestId": "R", "Data": {"TaskDetail": [', "not valid JSON"),
         (b"", "not valid JSON"),
@@ -206,7 +207,19 @@ def test_the_cap_is_a_setting_with_a_floor(monkeypatch: pytest.MonkeyPatch) -> N
         (b"[]", "array, not an object"),
         (b"<Error><Code>X</Code></Error>", "not valid JSON"),
     ],
-    ids=["deep-array", "deep-object", "bad-utf8", "truncated", "empty", "null", "number", "huge-number", "list", "xml"],
+    ids=[
+        "deep-array",
+        "deep-object",
+        "deep-truncated",
+        "bad-utf8",
+        "truncated",
+        "empty",
+        "null",
+        "number",
+        "huge-number",
+        "list",
+        "xml",
+    ],
 )
 async def test_an_unreadable_body_is_a_malformed_response(client_for: ClientFor, content: bytes, why: str) -> None:
     metrics = Metrics()
@@ -260,6 +273,27 @@ async def test_one_unrepresentable_record_goes_invalid_and_the_page_flows(
     assert "\n" not in problem and len(problem) < 200  # the value cut short
     json.dumps(records[1].raw)  # what the invalid route will carry can be serialized
     assert [r.raw for r in records if r.problem is None] == [detail(f"good-{i}") for i in range(3)]
+
+
+@pytest.mark.parametrize("depth", [2_000, 200_000])
+async def test_one_record_nested_too_deep_goes_invalid_and_the_page_flows(client_for: ClientFor, depth: int) -> None:
+    deep = b'{"TaskDetailNo": "deep-one", "TaskNo": "t", "Extra": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+    goods = [json.dumps(detail(f"good-{i}", Text='has [ and { inside "quotes"')).encode() for i in range(3)]
+    content = (
+        b'{"RequestId": "R", "TotalItemNum": 4, "Data": {"TaskDetail": ['
+        + b", ".join([goods[0], goods[1], deep, goods[2]])
+        + b"]}}"
+    )
+    client = client_for(raw(content), upstream_max_response_bytes=4 * MiB)
+    records = (await client.poll()).records
+    assert [r.detail_no for r in records] == ["good-0", "good-1", "deep-one", "good-2"]
+    assert [r.raw for r in records if r.problem is None] == [
+        detail(f"good-{i}", Text='has [ and { inside "quotes"') for i in range(3)
+    ]
+    problem = records[2].problem
+    assert problem is not None and problem.startswith("Extra.x")
+    assert "nested deeper than 100 levels" in problem
+    json.dumps(records[2].raw)
 
 
 async def test_an_unrepresentable_id_stays_upstream(client_for: ClientFor) -> None:
