@@ -310,7 +310,8 @@ class UpstreamClient:
         if verification is not None:
             # Fatal: a certificate the configured CAs do not accept is a setting to fix (or an interception),
             # which no retry can change; the one line says which setting.
-            reason = verification.verify_message or verification.reason or str(verification)
+            detail = verification.verify_message or str(verification)
+            reason = f"certificate verify failed: {detail}" if verification.verify_message else detail
             return FatalUpstreamError(
                 f"TLS verification of {host} failed ({reason}); set {env_name('upstream_ca_file')} to the CA "
                 "that signs it",

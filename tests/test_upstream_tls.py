@@ -74,7 +74,7 @@ async def test_a_verification_failure_is_one_fatal_line_naming_the_setting(
     text = str(caught.value)
     assert "\n" not in text
     assert text.startswith("PollTaskResult failed: TLS verification of localhost failed (")
-    assert "certificate" in text
+    assert "(certificate verify failed: " in text
     assert text.endswith("; set BRIDGE_UPSTREAM_CA_FILE to the CA that signs it")
     assert sample_value(metrics, "fatal_error") == 1
     assert sim.pending_count == 7
