@@ -24,7 +24,7 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.upstream import UpstreamClient
+from bridge.upstream import ACK_IDS_MAX_BYTES, UpstreamClient, ack_id_query_bytes
 
 __all__ = ["ACK_LINGER_S", "Acknowledger"]
 
@@ -148,7 +148,12 @@ class Acknowledger:
 
     def _take(self) -> list[str]:
         batch: list[str] = []
+        query_bytes = 0
         for detail_no in self._pending:
+            # Long ids fill the request line before the batch size does: stop at the byte budget too.
+            query_bytes += ack_id_query_bytes(detail_no, len(batch) + 1)
+            if batch and query_bytes > ACK_IDS_MAX_BYTES:
+                break
             batch.append(detail_no)
             if len(batch) >= self._batch_size:
                 break
@@ -162,10 +167,10 @@ class Acknowledger:
         try:
             result = await self._upstream.acknowledge(batch)
         except UpstreamError as exc:
-            done: list[str] = exc.acknowledged or []
-            succeeded = set(done)
-            self._settle(done, failed=[d for d in batch if d not in succeeded])
-            self._metrics.acknowledgements.labels("failed").inc(len(batch) - len(done))
+            # One call per batch: a failed call failed for the whole batch (an id it did apply comes back
+            # as unknown to the next call, which is harmless).
+            self._settle([], failed=batch)
+            self._metrics.acknowledgements.labels("failed").inc(len(batch))
             self.failing = True
             if isinstance(exc, RetryableUpstreamError):
                 self._schedule_retry(exc)
@@ -180,8 +185,16 @@ class Acknowledger:
             self.failing = False
             self._settle(batch, failed=[])
             self._on_acknowledged(len(batch))
-            self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
-            if result.confirmed < result.sent:
+            if result.confirmed is None:
+                # The call succeeded, but its Result is missing, negative or not a number: count, do not guess.
+                self._metrics.acknowledgements.labels("unknown").inc(result.sent)
+                log.warning(
+                    "upstream answered an acknowledgement without a usable Result",
+                    extra={"sent": result.sent, "request_id": result.request_id},
+                )
+            else:
+                self._metrics.acknowledgements.labels("confirmed").inc(result.confirmed)
+            if result.confirmed is not None and result.confirmed < result.sent:
                 # Undocumented upstream behaviour (unknown or already acknowledged ids): information only.
                 self._metrics.acknowledgements.labels("not_confirmed").inc(result.sent - result.confirmed)
                 log.info(
@@ -189,7 +202,7 @@ class Acknowledger:
                     extra={
                         "sent": result.sent,
                         "confirmed": result.confirmed,
-                        "request_id": result.request_ids,
+                        "request_id": result.request_id,
                     },
                 )
             self._backoff.reset()

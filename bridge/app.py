@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -30,10 +31,16 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def upstream_http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The upstream HTTP client: enough connections for one poll and every acknowledgement at once."""
+    """The upstream HTTP client: enough connections for one poll and every acknowledgement at once.
+
+    TLS verification is always on, against the system's CAs or ``upstream_ca_file`` when set.
+    """
     connections = settings.ack_concurrency + 2
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(timeout=settings.request_timeout_s, limits=limits) as client:
+    verify: ssl.SSLContext | bool = True
+    if settings.upstream_ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(settings.upstream_ca_file))
+    async with httpx.AsyncClient(timeout=settings.request_timeout_s, limits=limits, verify=verify) as client:
         yield client
 
 

@@ -9,7 +9,7 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     │   ├── RetryableUpstreamError    throttling, 5xx, connection errors, timeouts: back off and retry
     │   │   ├── ThrottledError        Throttling*: carries the server's retry-after when it sent one
     │   │   └── MalformedResponseError  a 2xx answer that cannot be read (too large, not JSON, not the shape)
-    │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew: stop
+    │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew, TLS: stop
     │       └── RefusedParametersError  InvalidParameter*, HTTP 413/414: the request's parameters or size
     └── BrokerError                   the RabbitMQ connection or topology failed
         ├── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
@@ -61,8 +61,6 @@ class UpstreamError(BridgeError):
         status_code: int | None = None,
     ) -> None:
         self.action = action
-        # For a call split into batches: the ids of the batches that succeeded before this failure.
-        self.acknowledged: list[str] | None = None
         self.code = code
         self.request_id = request_id
         self.status_code = status_code
@@ -101,7 +99,10 @@ class MalformedResponseError(RetryableUpstreamError):
 
 
 class FatalUpstreamError(UpstreamError):
-    """A failure that retrying cannot fix: wrong credentials, wrong signature, wrong clock, bad parameters."""
+    """A failure that retrying cannot fix.
+
+    Wrong credentials, wrong signature, wrong clock, bad parameters, a TLS certificate the configured CAs reject.
+    """
 
 
 class RefusedParametersError(FatalUpstreamError):

@@ -13,8 +13,8 @@ from bridge import __version__
 __all__ = ["ACK_OUTCOMES", "INVALID_REASONS", "PUBLISH_OUTCOMES", "UPSTREAM_OUTCOMES", "Metrics"]
 
 PUBLISH_OUTCOMES = ("ack", "nack", "returned", "timeout", "closed")
-UPSTREAM_OUTCOMES = ("ok", "throttled", "retryable_error", "fatal_error")
-ACK_OUTCOMES = ("confirmed", "not_confirmed", "failed")
+UPSTREAM_OUTCOMES = ("ok", "throttled", "retryable_error", "malformed", "fatal_error")
+ACK_OUTCOMES = ("confirmed", "not_confirmed", "unknown", "failed")
 INVALID_REASONS = ("validation", "no_detail_no")
 _ACTIONS = ("PollTaskResult", "AcknowledgeTaskResult")
 

@@ -17,6 +17,7 @@ import hmac
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import httpx
@@ -131,12 +132,20 @@ class _SigningAuth(httpx.Auth):
 
 
 class SignatureV1Auth(_SigningAuth):
-    """Adds the V1 common parameters (``Format=JSON`` included) and the HMAC-SHA1 ``Signature`` to the query."""
+    """Adds the V1 common parameters (``Format`` included) and the HMAC-SHA1 ``Signature`` to the query.
+
+    ``response_format`` is ``JSON`` as the API reference writes it; the upstream client passes ``json``, as the
+    official SDKs send it (the gateway reads either).
+    """
+
+    def __init__(self, credentials: Credentials, *, response_format: str = "JSON", **options: Any) -> None:
+        super().__init__(credentials, **options)
+        self._format = response_format
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         creds = self._credentials
         common = {
-            "Format": "JSON",
+            "Format": self._format,
             "AccessKeyId": creds.access_key_id,
             "SignatureMethod": "HMAC-SHA1",
             "SignatureVersion": "1.0",

@@ -217,7 +217,7 @@ def test_defaults() -> None:
     assert settings.lang == "en"
     assert settings.request_timeout_s == 10.0
     assert settings.page_size == 1000
-    assert settings.ack_batch_size == 500
+    assert settings.ack_batch_size == 100
     assert settings.task_result_status is None
     assert settings.domain_name is settings.instance_id is settings.task_no is settings.user_client_ip is None
     assert settings.access_key_id is settings.access_key_secret is settings.security_token is None

@@ -12,13 +12,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 
 from bridge.errors import (
     FatalUpstreamError,
+    MalformedResponseError,
     RefusedParametersError,
     RetryableUpstreamError,
     SettingsError,
@@ -149,7 +149,7 @@ async def test_poll_request_shape_v1_with_filters(make_client: MakeClient) -> No
     assert {k: params[k] for k in ("Action", "Version", "Format", "SignatureMethod", "SignatureVersion")} == {
         "Action": "PollTaskResult",
         "Version": "2018-01-29",
-        "Format": "JSON",
+        "Format": "json",
         "SignatureMethod": "HMAC-SHA1",
         "SignatureVersion": "1.0",
     }
@@ -239,14 +239,16 @@ async def test_records_keep_the_element_as_received(make_client: MakeClient) -> 
     ("element", "expected"),
     [
         ({"TaskDetailNo": "abc"}, "abc"),
-        ({"TaskDetailNo": "  padded \t"}, "padded"),
+        ({"TaskDetailNo": "  padded \t"}, "  padded \t"),  # byte for byte: no strip
+        ({"TaskDetailNo": "trailing\n"}, "trailing\n"),
+        ({"TaskDetailNo": "MiXeD"}, "MiXeD"),  # no case folding
         ({"taskDetailNo": "lower-camel"}, "lower-camel"),
         ({"TASKDETAILNO": "upper"}, "upper"),
         ({"taskdetailno": "lower", "Other": 1}, "lower"),
         ({"TaskDetailNo": 12345}, "12345"),
         ({"TaskDetailNo": 0}, "0"),
         ({"TaskDetailNo": ""}, None),
-        ({"TaskDetailNo": "   "}, None),
+        ({"TaskDetailNo": "   "}, "   "),  # spaces are what the upstream sent; only "" is no id
         ({"TaskDetailNo": None}, None),
         ({"TaskDetailNo": True}, None),
         ({"TaskDetailNo": 1.5}, None),
@@ -407,15 +409,20 @@ async def test_error_bodies_without_a_code(
 
 @pytest.mark.parametrize(
     ("content", "what"),
-    [(b"<html>maintenance</html>", "not valid JSON"), (b"[1, 2]", "list"), (b'"text"', "str"), (b"\xff\xfe", "JSON")],
+    [
+        (b"<html>maintenance</html>", "not valid JSON"),
+        (b"[1, 2]", "array"),
+        (b'"text"', "string"),
+        (b"\xff\xfe", "JSON"),
+    ],
 )
-async def test_a_2xx_body_that_is_not_a_json_object_is_retryable(
+async def test_a_2xx_body_that_is_not_a_json_object_is_malformed(
     make_client: MakeClient, content: bytes, what: str
 ) -> None:
     client, _ = make_client(lambda request: httpx.Response(200, content=content))
     with pytest.raises(RetryableUpstreamError) as caught:
         await client.poll()
-    assert type(caught.value) is RetryableUpstreamError
+    assert type(caught.value) is MalformedResponseError
     assert caught.value.status_code == 200
     assert what in str(caught.value)
 
@@ -519,7 +526,7 @@ async def test_transport_error_text_is_scrubbed(make_client: MakeClient) -> None
 
 
 # --- acknowledge ---
-def ack_answer(result: Callable[[list[str]], int] | None = None) -> Handler:
+def ack_answer(result: Callable[[list[str]], Any] | None = None) -> Handler:
     """Answers AcknowledgeTaskResult with ``Result`` = ``result(ids)`` (default: all of them)."""
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -530,42 +537,33 @@ def ack_answer(result: Callable[[list[str]], int] | None = None) -> Handler:
     return answer
 
 
-def form(request: httpx.Request) -> dict[str, str]:
-    """The form body of an AcknowledgeTaskResult request (the ids travel there, not in the URL)."""
-    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
-    return dict(parse_qsl(request.content.decode("ascii"), keep_blank_values=True))
-
-
 def sent_ids(request: httpx.Request) -> list[str]:
-    params = form(request)
+    """The ids of an AcknowledgeTaskResult request: ``TaskDetailNo.N`` in the query string, nothing in a body."""
+    assert request.content == b""
+    assert "content-type" not in request.headers
+    params = dict(request.url.params.multi_items())
     return [params[f"TaskDetailNo.{n}"] for n in range(1, len(params) + 1) if f"TaskDetailNo.{n}" in params]
 
 
 IDS = [f"id-{i:04d}" for i in range(250)]
 
 
-async def test_acknowledge_splits_into_numbered_batches(make_client: MakeClient) -> None:
-    client, rec = make_client(ack_answer(), ack_batch_size=100, user_client_ip="192.0.2.7")
-    result = await client.acknowledge(IDS)
-    assert result == AckResult(sent=250, confirmed=250, request_ids=["ACK-id-0000", "ACK-id-0100", "ACK-id-0200"])
-    assert [len(sent_ids(r)) for r in rec.requests] == [100, 100, 50]
-    assert [i for r in rec.requests for i in sent_ids(r)] == IDS
-    for request in rec.requests:
-        names = list(form(request))
-        # Numbered from 1, contiguous, no JSON list; none of them in the URL.
-        assert sorted(names) == sorted(f"TaskDetailNo.{n}" for n in range(1, len(names) + 1))
-        assert not [k for k in request.url.params if k.startswith("TaskDetailNo")]
-        assert request.headers["x-acs-action"] == "AcknowledgeTaskResult"
-        assert request.url.params["UserClientIp"] == "192.0.2.7"
-        assert request.url.params["Lang"] == "en"
-
-
-async def test_acknowledge_v1_sends_the_same_parameters(make_client: MakeClient) -> None:
-    client, rec = make_client(ack_answer(), ack_batch_size=2, signature_version="v1", security_token=TOKEN)
-    await client.acknowledge(["a", "b", "c"])
-    assert [sent_ids(r) for r in rec.requests] == [["a", "b"], ["c"]]
-    assert {rec.params(i)["Action"] for i in range(2)} == {"AcknowledgeTaskResult"}
-    assert {rec.params(i)["SecurityToken"] for i in range(2)} == {TOKEN}
+@pytest.mark.parametrize("version", ["v3", "v1"])
+async def test_acknowledge_sends_exactly_one_call_with_the_ids_in_the_query(
+    make_client: MakeClient, version: str
+) -> None:
+    client, rec = make_client(ack_answer(), signature_version=version, ack_batch_size=100, user_client_ip="192.0.2.7")
+    result = await client.acknowledge(IDS)  # more than ack_batch_size: batching is the acknowledger's job
+    assert result == AckResult(sent=250, confirmed=250, request_id="ACK-id-0000")
+    (request,) = rec.requests
+    assert request.method == "POST"
+    assert request.url.path == "/"
+    assert sent_ids(request) == IDS
+    names = [k for k in request.url.params if k.startswith("TaskDetailNo")]
+    assert sorted(names) == sorted(f"TaskDetailNo.{n}" for n in range(1, 251))  # from 1, contiguous
+    assert request.url.params["UserClientIp"] == "192.0.2.7"
+    assert request.url.params["Lang"] == "en"
+    assert request.headers["x-acs-action"] == "AcknowledgeTaskResult"
 
 
 async def test_acknowledge_nothing_sends_nothing(make_client: MakeClient) -> None:
@@ -574,71 +572,44 @@ async def test_acknowledge_nothing_sends_nothing(make_client: MakeClient) -> Non
     assert rec.requests == []
 
 
-@pytest.mark.parametrize(("result", "confirmed"), [(lambda ids: 0, 0), (lambda ids: len(ids) - 1, 7), (None, 10)])
-async def test_fewer_confirmed_than_sent_is_information(
-    make_client: MakeClient, result: Callable[[list[str]], int] | None, confirmed: int
+async def test_acknowledge_sends_ids_byte_for_byte(make_client: MakeClient) -> None:
+    odd = ["trailing-newline\n", "  spaced  ", "MiXeD-Case", "é中/+&=?#", "tab\tinside"]
+    client, rec = make_client(ack_answer(), signature_version="v1")
+    await client.acknowledge(odd)
+    assert sent_ids(rec.requests[0]) == odd
+
+
+@pytest.mark.parametrize(
+    ("result", "confirmed"),
+    [
+        (7, 7),
+        (0, 0),
+        ("3", 3),
+        (" 3 ", 3),
+        (3.0, 3),
+        (-1, None),
+        ("-1", None),
+        (None, None),
+        ("three", None),
+        (True, None),
+        (2.5, None),
+        ([], None),
+        ({"n": 1}, None),
+        ("9" * 5000, None),
+        ("1e999", None),
+    ],
+)
+async def test_acknowledge_result_believed_only_when_it_is_a_count(
+    make_client: MakeClient, result: Any, confirmed: int | None
 ) -> None:
-    client, _ = make_client(ack_answer(result), ack_batch_size=4)
-    assert await client.acknowledge(IDS[:10]) == AckResult(
-        sent=10, confirmed=confirmed, request_ids=["ACK-id-0000", "ACK-id-0004", "ACK-id-0008"]
-    )
+    client, _ = make_client(ok({"RequestId": "R", "Result": result}))
+    assert await client.acknowledge(["a", "b", "c"]) == AckResult(sent=3, confirmed=confirmed, request_id="R")
 
 
-@pytest.mark.parametrize("body", [{"RequestId": "R"}, {"RequestId": "R", "Result": "3"}, {"Result": None}])
-async def test_acknowledge_tolerates_result_shapes(make_client: MakeClient, body: dict[str, Any]) -> None:
-    client, _ = make_client(ok(body))
-    result = await client.acknowledge(["a", "b", "c"])
-    assert result.sent == 3
-    assert result.confirmed == (3 if body.get("Result") == "3" else 0)
-
-
-def failing_batch(fail_on: set[int], status: int = 503, code: str = "ServiceUnavailable") -> Handler:
-    """Acknowledges every batch except those whose first id's number is in ``fail_on``."""
-    inner = ack_answer()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        first = int(sent_ids(request)[0].removeprefix("id-"))
-        if first in fail_on:
-            return httpx.Response(status, json=error_body(code))
-        return inner(request)
-
-    return answer
-
-
-async def test_a_later_batch_failing_reports_what_was_acknowledged(make_client: MakeClient) -> None:
-    client, rec = make_client(failing_batch({100}), ack_batch_size=100, ack_concurrency=1)
-    with pytest.raises(RetryableUpstreamError) as caught:
-        await client.acknowledge(IDS)
-    assert caught.value.acknowledged == IDS[:100]  # type: ignore[attr-defined]
-    # No batch is started after the failure: the caller retries everything not acknowledged.
-    assert [sent_ids(r)[0] for r in rec.requests] == ["id-0000", "id-0100"]
-
-
-async def test_the_first_batch_failing_reports_nothing_acknowledged(make_client: MakeClient) -> None:
-    client, rec = make_client(failing_batch({0}, 400, "SignatureDoesNotMatch"), ack_batch_size=100, ack_concurrency=1)
-    with pytest.raises(FatalUpstreamError) as caught:
-        await client.acknowledge(IDS)
-    assert caught.value.acknowledged == []  # type: ignore[attr-defined]
-    assert len(rec.requests) == 1
-
-
-async def test_concurrent_batches_report_exactly_the_ones_that_succeeded(make_client: MakeClient) -> None:
-    client, rec = make_client(failing_batch({20}, 400, "Throttling"), ack_batch_size=10, ack_concurrency=3)
-    with pytest.raises(ThrottledError) as caught:
-        await client.acknowledge(IDS[:100])
-    acknowledged = caught.value.acknowledged  # type: ignore[attr-defined]
-    succeeded = [i for r in rec.requests if sent_ids(r)[0] != "id-0020" for i in sent_ids(r)]
-    assert sorted(acknowledged) == sorted(succeeded)
-    assert acknowledged == sorted(acknowledged)  # in the caller's order
-    assert not set(acknowledged) & set(IDS[20:30])
-    assert len(rec.requests) < 10  # stopped starting batches after the failure
-
-
-async def test_concurrent_batches_all_succeeding(make_client: MakeClient) -> None:
-    client, rec = make_client(ack_answer(), ack_batch_size=7)
-    result = await client.acknowledge(IDS[:100], concurrency=4)
-    assert (result.sent, result.confirmed, len(result.request_ids)) == (100, 100, 15)
-    assert sorted(i for r in rec.requests for i in sent_ids(r)) == IDS[:100]
+async def test_acknowledge_result_missing_or_unparsable_is_none(make_client: MakeClient) -> None:
+    for content in (b'{"RequestId": "R"}', b'{"RequestId": "R", "Result": ' + b"9" * 5000 + b"}"):
+        client, _ = make_client(lambda request, content=content: httpx.Response(200, content=content))
+        assert await client.acknowledge(["a"]) == AckResult(sent=1, confirmed=None, request_id="R")
 
 
 # --- metrics ---
@@ -791,7 +762,6 @@ async def test_sim_drain_by_page_one_and_acknowledge(sim_client: SimClient, sign
         signature_version=signature,
         security_token=SIM_TOKEN if sts else None,
         page_size=100,
-        ack_batch_size=40,
     )
     seen: list[str] = []
     while True:
@@ -803,15 +773,13 @@ async def test_sim_drain_by_page_one_and_acknowledge(sim_client: SimClient, sign
         seen.extend(batch)
         result = await client.acknowledge(batch)
         assert (result.sent, result.confirmed) == (len(batch), len(batch))
-        assert len(result.request_ids) == -(-len(batch) // 40)
+        assert result.request_id
     assert seen == ids
     assert sim.pending_count == 0
     assert sim.acknowledged_count == 230
     assert sim.ack_counts == dict.fromkeys(ids, 1)
     assert sample(metrics, "bridge_upstream_requests_total", action="PollTaskResult", outcome="ok") == 4
-    assert (
-        sample(metrics, "bridge_upstream_requests_total", action="AcknowledgeTaskResult", outcome="ok") == 7
-    )  # 3 + 3 + 1
+    assert sample(metrics, "bridge_upstream_requests_total", action="AcknowledgeTaskResult", outcome="ok") == 3
     assert sample(metrics, "bridge_upstream_backlog") == 0
 
 
@@ -842,12 +810,12 @@ async def test_sim_filters(sim_client: SimClient, signature: str) -> None:
 
 
 @pytest.mark.parametrize("signature", SIGNATURES)
-async def test_sim_acknowledge_batches_and_repeats(sim_client: SimClient, signature: str) -> None:
+async def test_sim_acknowledge_and_repeat(sim_client: SimClient, signature: str) -> None:
     sim = Simulator(seed=4)
     ids = sim.add_details(50)
-    client = sim_client(sim, signature_version=signature, ack_batch_size=7)
+    client = sim_client(sim, signature_version=signature)
     first = await client.acknowledge(ids[:30])
-    assert (first.sent, first.confirmed, len(first.request_ids)) == (30, 30, 5)
+    assert (first.sent, first.confirmed) == (30, 30)
     assert sim.pending_count == 20
     # Again, plus unknown ids: fewer confirmed than sent is information, not an error.
     again = await client.acknowledge([*ids[:10], "no-such-id", "another-unknown"])
@@ -862,7 +830,7 @@ async def test_sim_a_full_acknowledge_batch_fits_the_gateway(sim_client: SimClie
     ids = sim.add_details(1000)
     client = sim_client(sim, ack_batch_size=1000, signature_version="v1")
     result = await client.acknowledge(ids)
-    assert (result.confirmed, len(result.request_ids), sim.pending_count) == (1000, 1, 0)
+    assert (result.confirmed, sim.pending_count) == (1000, 0)
 
 
 async def test_sim_malformed_and_odd_records(sim_client: SimClient) -> None:
@@ -904,7 +872,6 @@ async def test_sim_faults(
         assert type(exc) is kind
         assert (exc.code, exc.status_code) == (code, status)
         assert exc.request_id
-    assert getattr(exc, "acknowledged", None) == []
     assert sim.pending_count == 5
     assert sim.ack_counts == {}
     outcome = "throttled" if kind is ThrottledError else "retryable_error"
@@ -933,36 +900,6 @@ async def test_sim_latency_within_the_timeout_is_fine(sim_client: SimClient) -> 
     sim.add_details(3)
     client = sim_client(sim, request_timeout_s=1.0)
     assert len((await client.poll()).records) == 3
-
-
-async def test_sim_partial_acknowledge_failure_reports_exactly_what_the_upstream_removed(
-    sim_client: SimClient,
-) -> None:
-    sim = Simulator(seed=9)
-    ids = sim.add_details(100)
-    client = sim_client(sim, ack_batch_size=10, ack_concurrency=1)
-    sim.faults.ack_failure_ratio = 0.3
-    remaining = list(ids)
-    failures = 0
-    for _ in range(50):  # seeded: a few failures, each after some batches went through
-        if not remaining:
-            break
-        try:
-            await client.acknowledge(remaining)
-        except RetryableUpstreamError as exc:
-            failures += 1
-            assert exc.code == "ServiceUnavailable"
-            done = set(exc.acknowledged)  # type: ignore[attr-defined]
-            # Exactly the ids the simulator removed are reported; the caller retries only the rest.
-            assert all(sim.ack_counts.get(i) == 1 for i in done)
-            remaining = [i for i in remaining if i not in done]
-            assert all(i not in sim.ack_counts for i in remaining)
-            assert sim.pending_count == len(remaining)
-        else:
-            remaining = []
-    assert failures >= 2
-    assert sim.pending_count == 0
-    assert sim.ack_counts == dict.fromkeys(ids, 1)  # nothing acknowledged twice, nothing skipped
 
 
 @pytest.mark.parametrize("signature", SIGNATURES)
