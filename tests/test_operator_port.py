@@ -333,7 +333,7 @@ async def test_a_flood_on_the_operator_port_does_not_stop_polling_or_flood_the_l
     assert polls_during >= FLOOD_S / settings.poll_interval_s / 4, polls_during
     assert acked_during > 0
     assert ready_during == 200
-    assert answered_after_s < 1
+    assert answered_after_s < 2
     assert log_bytes < 4096, log_lines[-10:]
     assert "Traceback" not in "\n".join(log_lines)
     assert not any("Too many open files" in line for line in log_lines)
