@@ -11,6 +11,8 @@ the body, so an orchestrator stops routing to (and alerts on) a bridge that is r
 from __future__ import annotations
 
 import gzip
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,7 +22,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from bridge.metrics import Metrics
 from bridge.operator_port import Handler, Request, Response
 
-__all__ = ["create_app", "operator_routes"]
+__all__ = ["MAX_RENDERS_PER_S", "METRICS_REUSE_S", "create_app", "operator_routes"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -28,34 +30,73 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _ALLOWED_METHODS = ("GET", "HEAD")
+METRICS_REUSE_S = 0.1
+MAX_RENDERS_PER_S = 20
+_MAX_KEPT_ANSWERS = 16
 
 
 def _text(status: int, body: str) -> Response:
     return Response(status, body.encode())
 
 
-def _metrics(metrics: Metrics, request: Request) -> Response:
-    # The same exposition as prometheus_client's own apps: its encoder (OpenMetrics when asked for), name[]
-    # filters, gzip when accepted.
-    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    registry: Any = metrics.registry
-    names = parse_qs(request.query).get("name[]")
-    if names:
-        registry = registry.restricted_registry(names)
-    body = encoder(registry)
-    if gzip_accepted(request.headers.get("accept-encoding", "")):
-        return Response(200, gzip.compress(body), content_type, (("Content-Encoding", "gzip"),))
-    return Response(200, body, content_type)
+class _Exposition:
+    """``/metrics``: the same exposition as prometheus_client's own apps (its encoder, OpenMetrics when asked for,
+    ``name[]`` filters, gzip when accepted), within a budget of rendering time.
+
+    A render of the bridge's registry costs 2-3 ms of the event loop the poller runs on. An answer rendered less
+    than :data:`METRICS_REUSE_S` ago is sent again, and at most :data:`MAX_RENDERS_PER_S` renders happen per
+    second; beyond that, the last answer of the same kind, or 503 with ``Retry-After: 1``. A scraper never meets
+    either (Prometheus asks every 15-60 s); a client asking in a loop cannot take the poller's time.
+    """
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = metrics.registry
+        self._clock = clock
+        self._answers: dict[tuple[str, bool, tuple[str, ...]], tuple[float, Response]] = {}
+        self._renders: deque[float] = deque()
+
+    def answer(self, request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        compress = gzip_accepted(request.headers.get("accept-encoding", ""))
+        names = tuple(sorted(set(parse_qs(request.query).get("name[]", ()))))
+        key = (content_type, compress, names)
+        now = self._clock()
+        last = self._answers.get(key)
+        if last is not None and now - last[0] < METRICS_REUSE_S:
+            return last[1]
+        while self._renders and now - self._renders[0] >= 1.0:
+            self._renders.popleft()
+        if len(self._renders) >= MAX_RENDERS_PER_S:
+            if last is not None:
+                return last[1]
+            return Response(503, b"metrics asked for too often; retry in a second\n", headers=(("Retry-After", "1"),))
+        self._renders.append(now)
+        registry: Any = self._registry.restricted_registry(names) if names else self._registry
+        body = encoder(registry)
+        if compress:
+            response = Response(200, gzip.compress(body), content_type, (("Content-Encoding", "gzip"),))
+        else:
+            response = Response(200, body, content_type)
+        if names and len(self._answers) >= _MAX_KEPT_ANSWERS:
+            # Forget the oldest filtered answer; the few unfiltered kinds (format, gzip) are always kept.
+            oldest = next((k for k in self._answers if k[2]), None)
+            if oldest is not None:
+                del self._answers[oldest]
+        self._answers.pop(key, None)
+        self._answers[key] = (now, response)
+        return response
 
 
 def operator_routes(metrics: Metrics, not_ready: Callable[[], str | None]) -> Handler:
     """The answer to one request; ``not_ready`` (None when ready, else why not) is asked per ``/readyz``."""
 
+    exposition = _Exposition(metrics)
+
     def handle(request: Request) -> Response:
         if request.method not in _ALLOWED_METHODS:
             return Response(405, b"method not allowed\n", headers=(("Allow", ", ".join(_ALLOWED_METHODS)),))
         if request.path == "/metrics":
-            return _metrics(metrics, request)
+            return exposition.answer(request)
         if request.path == "/healthz":
             return _text(200, "ok\n")
         if request.path == "/readyz":

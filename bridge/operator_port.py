@@ -65,7 +65,7 @@ KEEP_ALIVE_TIMEOUT_S = 5.0
 LOG_INTERVAL_S = 10.0
 # Descriptors per connection slot: the cap stays a small share of the open-file limit, the rest is the poller's.
 _FDS_PER_SLOT = 16
-_ACCEPTS_PER_WAKEUP = 16
+_ACCEPTS_PER_WAKEUP = 4
 _ACCEPT_PAUSE_S = 1.0
 _LISTEN_BACKLOG = 128
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -189,6 +189,7 @@ class _Connection(asyncio.Protocol):
         self._waiting_for_head = True  # False while idle between requests
         self._write_paused = False
         self._closing = False
+        self._scheduled = False  # a call of _process is due in the loop
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -211,7 +212,8 @@ class _Connection(asyncio.Protocol):
             self._waiting_for_head = True
             self._arm(self._server.header_timeout_s, counted=True)
         self._buffer += data
-        self._process()
+        if not self._scheduled:
+            self._process()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -225,7 +227,8 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         if self._transport is not None and not self._closing:
             self._transport.resume_reading()
-            self._process()
+            if not self._scheduled:
+                self._process()
 
     # --- the connection's life --------------------------------------------------------------------------
 
@@ -250,17 +253,23 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
     def _process(self) -> None:
-        while not self._write_paused and not self._closing:
-            while self._buffer[:2] == b"\r\n" or self._buffer[:1] == b"\n":  # blank lines before a request
-                del self._buffer[: 2 if self._buffer[:1] == b"\r" else 1]
-            match = _HEAD_END.search(self._buffer, 0, MAX_HEAD_BYTES + 4)
-            if match is None:
-                if len(self._buffer) > MAX_HEAD_BYTES:
-                    self._fail(431, "request head too large")
-                return
-            head = bytes(self._buffer[: match.start()])
-            del self._buffer[: match.end()]
-            self._answer(head)
+        self._scheduled = False
+        if self._write_paused or self._closing:
+            return
+        while self._buffer[:2] == b"\r\n" or self._buffer[:1] == b"\n":  # blank lines before a request
+            del self._buffer[: 2 if self._buffer[:1] == b"\r" else 1]
+        match = _HEAD_END.search(self._buffer, 0, MAX_HEAD_BYTES + 4)
+        if match is None:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                self._fail(431, "request head too large")
+            return
+        head = bytes(self._buffer[: match.start()])
+        del self._buffer[: match.end()]
+        self._answer(head)
+        if self._buffer and not self._closing:
+            # One request per turn of the loop: a client that sends many at once cannot hold the poller up.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._process)
 
     def _answer(self, head: bytes) -> None:
         try:

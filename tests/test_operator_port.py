@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import socket
 import subprocess
@@ -25,9 +26,9 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from bridge.cli import EXIT_FAILURE
-from bridge.health import create_app, operator_routes
+from bridge.health import MAX_RENDERS_PER_S, create_app, operator_routes
 from bridge.metrics import Metrics
-from bridge.operator_port import MAX_HEAD_BYTES, serve_operator_port
+from bridge.operator_port import MAX_HEAD_BYTES, Request, serve_operator_port
 from bridge.simulator import Simulator, running
 from tests.harness import BRIDGE_COMMAND, bridge_env, bridge_settings, eventually
 
@@ -102,6 +103,19 @@ async def test_metrics_are_exactly_what_prometheus_client_generates() -> None:
     assert b'bridge_polls_total{outcome="ok"} 3.0' in only.content and b"bridge_info" not in only.content
 
 
+async def test_metrics_renders_are_reused_and_budgeted() -> None:
+    handle = operator_routes(Metrics(), lambda: None)
+    first = handle(Request("GET", "/metrics", "", {}))
+    started = time.monotonic()
+    answers = [handle(Request("GET", "/metrics", f"name[]=bridge_polls_total&name[]=n{i}", {})) for i in range(200)]
+    elapsed_s = time.monotonic() - started
+    refused = [a for a in answers if a.status == 503]
+    assert len(answers) - len(refused) <= MAX_RENDERS_PER_S * (int(elapsed_s) + 2)
+    assert refused and all(dict(a.headers)["Retry-After"] == "1" for a in refused)
+    same = [handle(Request("GET", "/metrics", "", {})) for _ in range(50)]
+    assert all(a.body == first.body for a in same), "the last answer of the same kind is sent again"
+
+
 async def test_readyz_names_the_failing_check() -> None:
     reason: list[str | None] = [NOT_READY]
     async with _port(Metrics(), lambda: reason[0]) as port, httpx.AsyncClient() as http:
@@ -118,6 +132,26 @@ async def test_asgi_app_gives_the_same_answers() -> None:
         assert (await http.post("/metrics")).status_code == 405
         assert (await http.get("/nope")).status_code == 404
         assert (await http.head("/healthz")).content == b""
+
+
+async def test_pipelined_requests_are_answered_one_per_turn_of_the_loop() -> None:
+    turns = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    async with _port(Metrics()) as port:
+        task = asyncio.create_task(ticker())
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await _exchange(port, request * 999 + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        done.set()
+        await task
+    assert answer.count(b"HTTP/1.1 200 OK") == 1000
+    assert turns >= 500, "other tasks ran between the answers"
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
@@ -287,6 +321,10 @@ async def _start_bridge(env: dict[str, str], log_path: Path) -> asyncio.subproce
         )
 
 
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 async def _answers(url: str, timeout_s: float = 2.0) -> int:
     async with httpx.AsyncClient(timeout=timeout_s) as http:
         return (await http.get(url)).status_code
@@ -310,7 +348,11 @@ async def test_a_flood_on_the_operator_port_does_not_stop_polling_or_flood_the_l
             polls_before, acked_before = sum(sim.polls_by_page.values()), sim.acknowledged_count
             with _flood(port):
                 writers = await _half_heads(port)
-                await asyncio.sleep(FLOOD_S)
+                fds = [_open_fds(process.pid)]
+                ready_early = await _answers(f"{base}/readyz", timeout_s=5)
+                for _ in range(int(FLOOD_S / 0.5)):
+                    await asyncio.sleep(0.5)
+                    fds.append(_open_fds(process.pid))
                 polls_during = sum(sim.polls_by_page.values()) - polls_before
                 acked_during = sim.acknowledged_count - acked_before
                 ready_during = await _answers(f"{base}/readyz", timeout_s=5)
@@ -327,12 +369,13 @@ async def test_a_flood_on_the_operator_port_does_not_stop_polling_or_flood_the_l
             await asyncio.wait_for(process.wait(), 20)
     sys.stderr.write(
         f"flood: {polls_during} polls and {acked_during} acknowledgements during {FLOOD_S:g} s, "
-        f"/readyz during: {ready_during}, answered {answered_after_s * 1000:.0f} ms after, "
-        f"{log_bytes} log bytes\n"
+        f"/readyz early in it: {ready_early}, late in it: {ready_during}, answered {answered_after_s * 1000:.0f} ms "
+        f"after, {log_bytes} log bytes, at most {max(fds)} open files\n"
     )
     assert polls_during >= FLOOD_S / settings.poll_interval_s / 4, polls_during
     assert acked_during > 0
-    assert ready_during == 200
+    assert ready_early == 200 and ready_during == 200
+    assert max(fds) < 64 + 64, "the port's connections stay within its cap"
     assert answered_after_s < 2
     assert log_bytes < 4096, log_lines[-10:]
     assert "Traceback" not in "\n".join(log_lines)
