@@ -15,7 +15,10 @@ bounds each of them:
 - **Time**: a request head must arrive whole within ``header_timeout_s`` of the connection (or of its first
   byte after a response); a kept-alive connection with nothing to say is closed after ``keep_alive_timeout_s``.
 - **Size**: a request head over :data:`MAX_HEAD_BYTES` gets 431; a request with a body is answered and closed
-  (no path here takes a body), so nothing is ever buffered beyond one head.
+  (no path here takes a body), and a connection is not read while a request head waits for its answer, so
+  nothing is buffered beyond about one head per connection.
+- **Rate**: one request per connection per turn of the event loop, and at most :data:`MAX_REQUESTS_PER_S` for
+  the whole port (a burst of twice that); a request over the rate waits for its turn, unread.
 - **Logs**: connections closed by a limit, a timeout or a malformed request, and accepts that failed, are
   counted per reason (``dropped``, a labelled counter) and summed in at most one WARNING line per
   ``log_interval_s``.
@@ -49,6 +52,7 @@ __all__ = [
     "LOG_INTERVAL_S",
     "MAX_CONNECTIONS",
     "MAX_HEAD_BYTES",
+    "MAX_REQUESTS_PER_S",
     "Request",
     "Response",
     "connection_cap",
@@ -63,6 +67,8 @@ _MAX_HEADERS = 64
 HEADER_TIMEOUT_S = 5.0
 KEEP_ALIVE_TIMEOUT_S = 5.0
 LOG_INTERVAL_S = 10.0
+MAX_REQUESTS_PER_S = 200
+_REQUEST_BURST = 400
 # Descriptors per connection slot: the cap stays a small share of the open-file limit, the rest is the poller's.
 _FDS_PER_SLOT = 16
 _ACCEPTS_PER_WAKEUP = 4
@@ -190,6 +196,8 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._closing = False
         self._scheduled = False  # a call of _process is due in the loop
+        self._throttled = False  # over the port's request rate, waiting for its turn
+        self._reading = True
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -200,6 +208,7 @@ class _Connection(asyncio.Protocol):
         self._arm(self._server.header_timeout_s, counted=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
         self._cancel_timer()
         self._server.closed(self)
 
@@ -212,6 +221,7 @@ class _Connection(asyncio.Protocol):
             self._waiting_for_head = True
             self._arm(self._server.header_timeout_s, counted=True)
         self._buffer += data
+        self._update_reading()
         if not self._scheduled:
             self._process()
 
@@ -220,15 +230,13 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._transport is not None and not self._closing:
-            self._transport.resume_reading()
-            if not self._scheduled:
-                self._process()
+        self._update_reading()
+        if not self._scheduled:
+            self._process()
 
     # --- the connection's life --------------------------------------------------------------------------
 
@@ -252,9 +260,26 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _update_reading(self) -> None:
+        """Read only while answers flow and at most one request head waits: memory per connection stays bounded."""
+        if self._transport is None or self._closing:
+            return
+        wanted = not self._write_paused and not self._throttled and len(self._buffer) <= MAX_HEAD_BYTES
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def _unthrottle(self) -> None:
+        self._throttled = False
+        self._update_reading()
+        self._process()
+
     def _process(self) -> None:
         self._scheduled = False
-        if self._write_paused or self._closing:
+        if self._write_paused or self._throttled or self._closing:
             return
         while self._buffer[:2] == b"\r\n" or self._buffer[:1] == b"\n":  # blank lines before a request
             del self._buffer[: 2 if self._buffer[:1] == b"\r" else 1]
@@ -263,9 +288,17 @@ class _Connection(asyncio.Protocol):
             if len(self._buffer) > MAX_HEAD_BYTES:
                 self._fail(431, "request head too large")
             return
+        wait_s = self._server.request_wait_s()
+        if wait_s > 0:  # over the port's request rate: answer later, read nothing meanwhile
+            self._throttled = True
+            self._scheduled = True
+            self._update_reading()
+            asyncio.get_running_loop().call_later(wait_s, self._unthrottle)
+            return
         head = bytes(self._buffer[: match.start()])
         del self._buffer[: match.end()]
         self._answer(head)
+        self._update_reading()
         if self._buffer and not self._closing:
             # One request per turn of the loop: a client that sends many at once cannot hold the poller up.
             self._scheduled = True
@@ -332,6 +365,8 @@ class _OperatorServer:
         self._resume_timer: asyncio.TimerHandle | None = None
         self._accepting = False
         self.address = sock.getsockname()[:2]
+        self._tokens = float(_REQUEST_BURST)
+        self._tokens_at = self._loop.time()
 
     # --- accepting ----------------------------------------------------------------------------------------
 
@@ -380,6 +415,16 @@ class _OperatorServer:
             self._resume_timer = self._loop.call_later(_ACCEPT_PAUSE_S, self.start)
 
     # --- connections --------------------------------------------------------------------------------------
+
+    def request_wait_s(self) -> float:
+        """0 when a request may be answered now (and takes its turn), else how long to wait (a token bucket)."""
+        now = self._loop.time()
+        self._tokens = min(_REQUEST_BURST, self._tokens + (now - self._tokens_at) * MAX_REQUESTS_PER_S)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / MAX_REQUESTS_PER_S
 
     def opened(self, conn: _Connection) -> None:
         self._connections[conn] = None

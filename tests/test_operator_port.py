@@ -25,6 +25,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from bridge import operator_port
 from bridge.cli import EXIT_FAILURE
 from bridge.health import MAX_RENDERS_PER_S, create_app, operator_routes
 from bridge.metrics import Metrics
@@ -147,11 +148,23 @@ async def test_pipelined_requests_are_answered_one_per_turn_of_the_loop() -> Non
     async with _port(Metrics()) as port:
         task = asyncio.create_task(ticker())
         request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-        answer = await _exchange(port, request * 999 + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answer = await _exchange(port, request * 299 + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
         done.set()
         await task
-    assert answer.count(b"HTTP/1.1 200 OK") == 1000
-    assert turns >= 500, "other tasks ran between the answers"
+    assert answer.count(b"HTTP/1.1 200 OK") == 300
+    assert turns >= 150, "other tasks ran between the answers"
+
+
+async def test_requests_over_the_ports_rate_wait_for_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(operator_port, "MAX_REQUESTS_PER_S", 20)
+    monkeypatch.setattr(operator_port, "_REQUEST_BURST", 20)
+    async with _port(Metrics()) as port:
+        started = time.monotonic()
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await _exchange(port, request * 59 + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        elapsed_s = time.monotonic() - started
+    assert answer.count(b"HTTP/1.1 200 OK") == 60
+    assert 1.8 < elapsed_s < 4
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
@@ -399,3 +412,68 @@ async def test_a_busy_operator_port_is_one_line_and_exit_1(exchange_name: str, t
     lines = [line for line in output.splitlines() if f"127.0.0.1:{port}" in line]
     assert len(lines) == 1, output
     assert "in use" in lines[0] and "BRIDGE_METRICS_PORT" in lines[0]
+
+
+_HAMMER = """
+import socket, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+answers = []
+
+def hammer(n):
+    deadline = time.monotonic() + seconds
+    got = 0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                while time.monotonic() < deadline:
+                    filtered = b"GET /metrics?name[]=bridge_polls_total&name[]=x%d HTTP/1.1\\r\\nHost: h\\r\\n\\r\\n"
+                    batch = b"".join(filtered % (n * 10**6 + got + i) for i in range(20))
+                    batch += b"GET /metrics HTTP/1.1\\r\\nHost: h\\r\\n\\r\\n" * 20
+                    sock.sendall(batch)
+                    seen = 0
+                    while seen < 40:
+                        data = sock.recv(65536)
+                        if not data:
+                            raise OSError("closed")
+                        seen += data.count(b"HTTP/1.1 ")
+                    got += seen
+        except OSError:
+            pass
+    answers.append(got)
+
+threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(answers))
+"""
+
+
+@pytest.mark.broker
+async def test_clients_asking_for_metrics_in_a_loop_do_not_stop_polling(
+    broker_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    sim = Simulator(tasks=0, seed=32, rate=50)
+    log_path = tmp_path / "bridge.log"
+    async with running(sim) as url:
+        settings = bridge_settings(exchange_name, broker_url, upstream_endpoint=url, poll_interval_s=0.2)
+        process = await _start_bridge(bridge_env(settings), log_path)
+        try:
+            await eventually(lambda: "task-bridge started" in log_path.read_text(), timeout_s=20, what="start")
+            port = _metrics_port(log_path)
+            await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="first delivery")
+            polls_before = sum(sim.polls_by_page.values())
+            hammer = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _HAMMER, str(port), str(FLOOD_S), stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await asyncio.wait_for(hammer.communicate(), FLOOD_S + 30)
+            polls_during = sum(sim.polls_by_page.values()) - polls_before
+            ready_after = await _answers(f"http://127.0.0.1:{port}/readyz")
+        finally:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 20)
+    answered = int(out.decode().strip() or 0)
+    sys.stderr.write(f"metrics hammer: {answered} answers, {polls_during} polls during {FLOOD_S:g} s\n")
+    assert answered > 500, "the hammer was served"
+    # Unbudgeted renders at any rate left 11 polls of 40 here.
+    assert polls_during >= FLOOD_S / settings.poll_interval_s / 2, polls_during
+    assert ready_after == 200
