@@ -327,11 +327,27 @@ def _metrics_port(log_path: Path) -> int:
     raise AssertionError("no start line")
 
 
-async def _start_bridge(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
-    with log_path.open("wb") as log:
-        return await asyncio.create_subprocess_exec(
-            *BRIDGE_COMMAND, "run", env=env, stdout=log, stderr=log, preexec_fn=_limit_open_files
-        )
+POLL_INTERVAL_S = 0.2
+
+
+@contextlib.asynccontextmanager
+async def _bridge_process(
+    sim: Simulator, broker_url: str, exchange: str, log_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """``task-bridge run`` under an open-file limit of 1,024, polling ``sim``; yields it and its operator port."""
+    async with running(sim) as url:
+        settings = bridge_settings(exchange, broker_url, upstream_endpoint=url, poll_interval_s=POLL_INTERVAL_S)
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                *BRIDGE_COMMAND, "run", env=bridge_env(settings), stdout=log, stderr=log, preexec_fn=_limit_open_files
+            )
+        try:
+            await eventually(lambda: "task-bridge started" in log_path.read_text(), timeout_s=20, what="start")
+            await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="first delivery")
+            yield process, _metrics_port(log_path)
+        finally:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 20)
 
 
 def _open_fds(pid: int) -> int:
@@ -349,43 +365,34 @@ async def test_a_flood_on_the_operator_port_does_not_stop_polling_or_flood_the_l
 ) -> None:
     sim = Simulator(tasks=0, seed=31, rate=50)
     log_path = tmp_path / "bridge.log"
-    async with running(sim) as url:
-        settings = bridge_settings(exchange_name, broker_url, upstream_endpoint=url, poll_interval_s=0.2)
-        process = await _start_bridge(bridge_env(settings), log_path)
-        try:
-            await eventually(lambda: "task-bridge started" in log_path.read_text(), timeout_s=20, what="start")
-            port = _metrics_port(log_path)
-            base = f"http://127.0.0.1:{port}"
-            await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="first delivery")
-            log_before = log_path.stat().st_size
-            polls_before, acked_before = sum(sim.polls_by_page.values()), sim.acknowledged_count
-            with _flood(port):
-                writers = await _half_heads(port)
-                fds = [_open_fds(process.pid)]
-                ready_early = await _answers(f"{base}/readyz", timeout_s=5)
-                for _ in range(int(FLOOD_S / 0.5)):
-                    await asyncio.sleep(0.5)
-                    fds.append(_open_fds(process.pid))
-                polls_during = sum(sim.polls_by_page.values()) - polls_before
-                acked_during = sim.acknowledged_count - acked_before
-                ready_during = await _answers(f"{base}/readyz", timeout_s=5)
-                for writer in writers:
-                    writer.close()
-            started = time.monotonic()
-            assert await _answers(f"{base}/readyz") == 200
-            assert await _answers(f"{base}/metrics") == 200
-            answered_after_s = time.monotonic() - started
-            log_lines = log_path.read_text(encoding="utf-8").splitlines()
-            log_bytes = log_path.stat().st_size - log_before
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 20)
+    async with _bridge_process(sim, broker_url, exchange_name, log_path) as (process, port):
+        base = f"http://127.0.0.1:{port}"
+        log_before = log_path.stat().st_size
+        polls_before, acked_before = sum(sim.polls_by_page.values()), sim.acknowledged_count
+        with _flood(port):
+            writers = await _half_heads(port)
+            fds = [_open_fds(process.pid)]
+            ready_early = await _answers(f"{base}/readyz", timeout_s=5)
+            for _ in range(int(FLOOD_S / 0.5)):
+                await asyncio.sleep(0.5)
+                fds.append(_open_fds(process.pid))
+            polls_during = sum(sim.polls_by_page.values()) - polls_before
+            acked_during = sim.acknowledged_count - acked_before
+            ready_during = await _answers(f"{base}/readyz", timeout_s=5)
+            for writer in writers:
+                writer.close()
+        started = time.monotonic()
+        assert await _answers(f"{base}/readyz") == 200
+        assert await _answers(f"{base}/metrics") == 200
+        answered_after_s = time.monotonic() - started
+        log_lines = log_path.read_text(encoding="utf-8").splitlines()
+        log_bytes = log_path.stat().st_size - log_before
     sys.stderr.write(
         f"flood: {polls_during} polls and {acked_during} acknowledgements during {FLOOD_S:g} s, "
         f"/readyz early in it: {ready_early}, late in it: {ready_during}, answered {answered_after_s * 1000:.0f} ms "
         f"after, {log_bytes} log bytes, at most {max(fds)} open files\n"
     )
-    assert polls_during >= FLOOD_S / settings.poll_interval_s / 4, polls_during
+    assert polls_during >= FLOOD_S / POLL_INTERVAL_S / 4, polls_during
     assert acked_during > 0
     assert ready_early == 200 and ready_during == 200
     assert max(fds) < 64 + 64, "the port's connections stay within its cap"
@@ -453,27 +460,17 @@ async def test_clients_asking_for_metrics_in_a_loop_do_not_stop_polling(
     broker_url: str, exchange_name: str, tmp_path: Path
 ) -> None:
     sim = Simulator(tasks=0, seed=32, rate=50)
-    log_path = tmp_path / "bridge.log"
-    async with running(sim) as url:
-        settings = bridge_settings(exchange_name, broker_url, upstream_endpoint=url, poll_interval_s=0.2)
-        process = await _start_bridge(bridge_env(settings), log_path)
-        try:
-            await eventually(lambda: "task-bridge started" in log_path.read_text(), timeout_s=20, what="start")
-            port = _metrics_port(log_path)
-            await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="first delivery")
-            polls_before = sum(sim.polls_by_page.values())
-            hammer = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _HAMMER, str(port), str(FLOOD_S), stdout=asyncio.subprocess.PIPE
-            )
-            out, _ = await asyncio.wait_for(hammer.communicate(), FLOOD_S + 30)
-            polls_during = sum(sim.polls_by_page.values()) - polls_before
-            ready_after = await _answers(f"http://127.0.0.1:{port}/readyz")
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 20)
+    async with _bridge_process(sim, broker_url, exchange_name, tmp_path / "bridge.log") as (_process, port):
+        polls_before = sum(sim.polls_by_page.values())
+        hammer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HAMMER, str(port), str(FLOOD_S), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(hammer.communicate(), FLOOD_S + 30)
+        polls_during = sum(sim.polls_by_page.values()) - polls_before
+        ready_after = await _answers(f"http://127.0.0.1:{port}/readyz")
     answered = int(out.decode().strip() or 0)
     sys.stderr.write(f"metrics hammer: {answered} answers, {polls_during} polls during {FLOOD_S:g} s\n")
     assert answered > 500, "the hammer was served"
     # Unbudgeted renders at any rate left 11 polls of 40 here.
-    assert polls_during >= FLOOD_S / settings.poll_interval_s / 2, polls_during
+    assert polls_during >= FLOOD_S / POLL_INTERVAL_S / 2, polls_during
     assert ready_after == 200
