@@ -53,6 +53,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_HEAD_BYTES",
     "MAX_REQUESTS_PER_S",
+    "Handler",
     "Request",
     "Response",
     "connection_cap",
@@ -76,7 +77,7 @@ _ACCEPT_PAUSE_S = 1.0
 _LISTEN_BACKLOG = 128
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ def _parse_head(head: bytes) -> tuple[Request, str, bool]:
     """``(request, HTTP version, has a body)``; raises :class:`_BadRequest` for what is not HTTP/1.x."""
     lines = head.split(b"\n")
     parts = lines[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]):
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
         raise _BadRequest(400, "malformed request line")
     method, target, version = (p.decode("latin-1") for p in parts)
     if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -136,7 +137,7 @@ def _parse_head(head: bytes) -> tuple[Request, str, bool]:
     headers: dict[str, str] = {}
     for raw in lines[1:]:
         name, sep, value = raw.rstrip(b"\r").partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.fullmatch(name):
             raise _BadRequest(400, "malformed header field")
         key, text = name.decode("latin-1").lower(), value.decode("latin-1").strip()
         headers[key] = f"{headers[key]},{text}" if key in headers else text
