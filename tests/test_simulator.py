@@ -941,3 +941,17 @@ def test_the_simulator_binds_loopback_unless_told_otherwise() -> None:
 
     assert build_parser().parse_args(["simulate"]).host == "127.0.0.1"
     assert build_parser().parse_args(["simulate", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+async def test_huge_and_non_utf8_queries_over_real_http_get_4xx() -> None:
+    async with running(Simulator(tasks=3, seed=48)) as url, httpx.AsyncClient(base_url=url) as client:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /?" + b"A=1&" * 600_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        huge = int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
+        writer.close()
+        odd = await client.get("/?Action=%ff%fe&PageNum=%80&Version=%c3%28")
+        control = await client.post("/_control?x=%ff", content=b"\xff" * 100)
+    assert 400 <= huge < 500
+    assert odd.status_code == 400 and odd.json()["Code"] in {"MissingParameter", "InvalidVersion"}
+    assert control.status_code == 400 and "not JSON" in control.json()["error"]
