@@ -8,6 +8,7 @@ the broker connection and the HTTP client.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -15,12 +16,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 
-from bridge.errors import BridgeError
-from bridge.health import create_app
+from bridge.errors import BridgeError, OperatorPortError
+from bridge.health import operator_routes
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
+from bridge.operator_port import Handler, serve_operator_port
 from bridge.publisher import Publisher
-from bridge.serving import serve_in_background
 from bridge.settings import Settings
 from bridge.upstream import UpstreamClient
 
@@ -70,10 +71,9 @@ class App:
             publisher = Publisher(settings, self.metrics)
             stack.push_async_callback(publisher.close)
             loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
-            operator_port = serve_in_background(
-                create_app(self.metrics, loop.not_ready_reason), settings.metrics_host, settings.metrics_port
+            self.metrics_port = await _open_operator_port(
+                stack, settings, operator_routes(self.metrics, loop.not_ready_reason), self.metrics
             )
-            _host, self.metrics_port = await stack.enter_async_context(operator_port)
             log.info(
                 "task-bridge started",
                 extra={
@@ -93,6 +93,21 @@ class App:
                     if isinstance(exc, BridgeError):
                         raise exc from None
                 raise
+
+
+async def _open_operator_port(stack: AsyncExitStack, settings: Settings, handler: Handler, metrics: Metrics) -> int:
+    """Serve the operator port on the stack; its bound port. A port that cannot be bound is one clear line."""
+    host, port = settings.metrics_host, settings.metrics_port
+    port_context = serve_operator_port(handler, host, port, dropped=metrics.operator_connections_dropped)
+    try:
+        _host, bound_port = await stack.enter_async_context(port_context)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be opened ({exc.strerror or exc})"
+        raise OperatorPortError(
+            f"operator port {where} {why}; set BRIDGE_METRICS_PORT (or BRIDGE_METRICS_HOST)"
+        ) from None
+    return bound_port
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -5,6 +5,7 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
 
     BridgeError
     ├── SettingsError                 bad configuration, found at start; one line per problem
+    ├── OperatorPortError             the operator port cannot be opened (address in use, not available)
     ├── UpstreamError                 a PollTaskResult / AcknowledgeTaskResult call failed
     │   ├── RetryableUpstreamError    throttling, 5xx, connection errors, timeouts: back off and retry
     │   │   ├── ThrottledError        Throttling*: carries the server's retry-after when it sent one
@@ -28,6 +29,7 @@ __all__ = [
     "BrokerUnavailableError",
     "FatalUpstreamError",
     "MalformedResponseError",
+    "OperatorPortError",
     "RefusedParametersError",
     "RetryableUpstreamError",
     "SettingsError",
@@ -46,6 +48,10 @@ class SettingsError(BridgeError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+class OperatorPortError(BridgeError):
+    """The operator port (``BRIDGE_METRICS_HOST``:``BRIDGE_METRICS_PORT``) cannot be opened; fatal at start."""
 
 
 class UpstreamError(BridgeError):

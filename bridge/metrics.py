@@ -10,12 +10,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from bridge import __version__
 
-__all__ = ["ACK_OUTCOMES", "INVALID_REASONS", "PUBLISH_OUTCOMES", "UPSTREAM_OUTCOMES", "Metrics"]
+__all__ = [
+    "ACK_OUTCOMES",
+    "INVALID_REASONS",
+    "OPERATOR_DROP_REASONS",
+    "PUBLISH_OUTCOMES",
+    "UPSTREAM_OUTCOMES",
+    "Metrics",
+]
 
 PUBLISH_OUTCOMES = ("ack", "nack", "returned", "timeout", "closed")
 UPSTREAM_OUTCOMES = ("ok", "throttled", "retryable_error", "malformed", "fatal_error")
 ACK_OUTCOMES = ("confirmed", "not_confirmed", "unknown", "failed")
 INVALID_REASONS = ("validation", "no_detail_no")
+OPERATOR_DROP_REASONS = ("limit", "timeout", "malformed", "accept_error")
 _ACTIONS = ("PollTaskResult", "AcknowledgeTaskResult")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -97,6 +105,14 @@ class Metrics:
         self.broker_connected = Gauge(
             "bridge_broker_connected", "1 while the broker connection is open, else 0.", registry=r
         )
+        self.operator_connections_dropped = Counter(
+            "bridge_operator_connections_dropped",
+            "Connections the operator port closed early, by reason (limit, timeout, malformed, accept_error).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in OPERATOR_DROP_REASONS:
+            self.operator_connections_dropped.labels(reason)
         for outcome in PUBLISH_OUTCOMES:
             self.events_published.labels(outcome)
         for outcome in ACK_OUTCOMES:

@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["serve_in_background"]
+__all__ = ["bind", "serve_in_background"]
 
 _START_POLL_S = 0.01
 
@@ -23,8 +23,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    # Binding here makes "address in use" an OSError for the caller (uvicorn would call sys.exit in the loop).
+def bind(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port``; raises ``OSError`` (address in use, ...).
+
+    Binding before the server starts makes "address in use" an OSError for the caller (uvicorn would call
+    ``sys.exit`` in the loop).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it a small
     # answer written in two pieces waits ~40 ms for the client's delayed ACK (Nagle).
@@ -32,7 +36,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(2048)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -47,7 +51,7 @@ async def serve_in_background(app: Any, host: str, port: int, **options: Any) ->
     ``options`` go to :class:`uvicorn.Config`. Port 0 picks a free port. uvicorn's logging configuration is
     left alone (``log_config=None``) so it does not replace the process's JSON logging.
     """
-    sock = _bind(host, port)
+    sock = bind(host, port)
     config = uvicorn.Config(app, lifespan="off", log_config=None, log_level=None, access_log=False, **options)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http-{host}:{port}")

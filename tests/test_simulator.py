@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from bridge.signing import (
@@ -692,3 +694,264 @@ async def test_the_simulate_command_serves_until_a_signal_and_exits_0(
 def test_state_is_json_serialisable() -> None:
     sim = Simulator(tasks=2, faults=Faults(malformed_ratio=1.0))
     assert json.loads(json.dumps(sim.state()))["pending"] == 2
+
+
+# --- bad input: gateway errors, never a 500 ----------------------------------------------------------------------
+
+_ODD_INTEGERS = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "1e3",
+            " 5",
+            "+5",
+            "5 ",
+            "\u0665",
+            "1_000",
+            "0x10",
+            "1.0",
+            "9" * 5000,
+            "2147483648",
+            "9" * 20,
+            "-2147483649",
+        ]
+    ),
+    st.integers(min_value=1, max_value=1000).map(str),  # valid, so that the other parameters are reached
+    st.integers().map(str),
+    st.text(max_size=30),
+)
+_ODD_TEXT = st.one_of(st.text(max_size=30), st.sampled_from(["zh", "en", "ZH", "", "\x00", "zh\r\nX: y", "x" * 10_000]))
+_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_BAD_PARAMETER_CODES = {"InvalidParameter", "MissingParameter"}
+_CONTENT_TYPES = [
+    "application/x-www-form-urlencoded",
+    "application/x-www-form-urlencoded; charset=latin-1",
+    "application/json",
+    "multipart/form-data; boundary=x",
+    "text/plain",
+    "application/octet-stream",
+    "",
+    "\x00/\xff",
+]
+
+
+def _assert_gateway_answer(response: httpx.Response) -> None:
+    """A 200, or a gateway error with its JSON shape; never a 5xx."""
+    assert response.status_code < 500, response.text
+    body = response.json()
+    if response.status_code != 200:
+        assert set(body) == {"RequestId", "HostId", "Code", "Message", "Recommend"}, body
+
+
+_FUZZ_SIM = Simulator(tasks=30, seed=40)
+
+
+@_FUZZ
+@given(page_num=_ODD_INTEGERS, page_size=_ODD_INTEGERS, status=_ODD_INTEGERS, lang=_ODD_TEXT)
+async def test_odd_poll_parameters_get_400_gateway_errors_never_500(
+    page_num: str, page_size: str, status: str, lang: str
+) -> None:
+    params = {"PageNum": page_num, "PageSize": page_size, "TaskResultStatus": status, "Lang": lang}
+    async with asgi_client(_FUZZ_SIM, signer(SignatureV1Auth)) as client:
+        response = await client.post("/", params={"Action": POLL, "Version": INTL, "Format": "JSON", **params})
+    _assert_gateway_answer(response)
+    if response.status_code != 200:
+        assert response.status_code == 400 and response.json()["Code"] in _BAD_PARAMETER_CODES, response.text
+
+
+@_FUZZ
+@given(
+    numbers=st.lists(
+        st.one_of(
+            st.integers(min_value=-5, max_value=3000).map(str),
+            st.sampled_from(["", "0", "²", "٣", "1.5", "99999999999", "9" * 5000, "a", ".", "1 "]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    values=st.lists(st.text(max_size=40), min_size=1, max_size=12),
+    where=st.sampled_from(["query", "form", "both"]),
+)
+async def test_odd_acknowledgement_parameters_get_400_gateway_errors_never_500(
+    numbers: list[str], values: list[str], where: str
+) -> None:
+    numbered = [(f"TaskDetailNo.{n}", v) for n, v in zip(numbers, values * len(numbers), strict=False)]
+    query: list[tuple[str, str]] = [("Action", ACK), ("Version", INTL)]
+    form: list[tuple[str, str]] = []
+    if where == "query":
+        query += numbered
+    elif where == "form":
+        form = numbered
+    else:
+        query += numbered[::2]
+        form = numbered[1::2]
+    async with asgi_client(_FUZZ_SIM, signer(SignatureV3Auth)) as client:
+        response = await client.post("/", params=query, data=dict(form) if form else None)
+    _assert_gateway_answer(response)
+    if response.status_code != 200:
+        assert response.status_code == 400 and response.json()["Code"] in _BAD_PARAMETER_CODES, response.text
+
+
+@_FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"]),
+    path=st.sampled_from(["/", "/_state", "/_control", "/x", "//", "/?"]),
+    query=st.one_of(st.binary(max_size=300), st.just(b"PageNum=1&PageNum=2&Action=" + b"A" * 100_000)),
+    content_type=st.sampled_from(_CONTENT_TYPES),
+    body=st.one_of(st.binary(max_size=300), st.just(b"\xff\xfe" * 1000), st.just(b"TaskDetailNo.1=" + b"%ff" * 99)),
+)
+async def test_raw_requests_of_any_shape_never_get_a_500(
+    method: str, path: str, query: bytes, content_type: str, body: bytes
+) -> None:
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": [(b"content-type", content_type.encode("latin-1")), (b"host", b"domain-intl.aliyuncs.com")],
+    }
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await Simulator(tasks=2, seed=41)(scope, receive, send)
+    assert sent[0]["status"] < 500
+    json.loads(sent[1]["body"])
+
+
+@pytest.mark.parametrize("auth_class", SIGNERS)
+async def test_repeated_parameters_get_one_of_their_values_or_a_gateway_error(auth_class: AuthClass) -> None:
+    sim = Simulator(tasks=5, seed=42)
+    query = [("Action", POLL), ("Version", INTL), ("Format", "JSON"), ("PageNum", "1"), ("PageNum", "1")]
+    async with asgi_client(sim, signer(auth_class)) as client:
+        good = await client.post("/", params=[*query, ("PageSize", "3"), ("PageSize", "2")])
+        bad = await client.post("/", params=[*query, ("PageSize", "x"), ("PageSize", "x")])
+    assert len(details(good)) in (2, 3)
+    assert_error(bad, 400, "InvalidParameter")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PageNum", "99999999999999999999"), ("PageSize", "\u0665"), ("PageNum", "1_0"), ("TaskResultStatus", "+2")],
+)
+async def test_integers_out_of_the_gateways_range_or_form_are_invalid_parameter(name: str, value: str) -> None:
+    sim = Simulator(tasks=5, seed=43)
+    async with asgi_client(sim, signer()) as client:
+        response = await poll(client, **{"PageNum": 1, "PageSize": 5, name: value})  # type: ignore[arg-type]
+    body = assert_error(response, 400, "InvalidParameter")
+    assert name in body["Message"]
+
+
+@pytest.mark.parametrize("name", ["TaskDetailNo.²", "TaskDetailNo.0", "TaskDetailNo." + "9" * 5000, "TaskDetailNo."])
+async def test_a_bad_n_in_task_detail_no_is_invalid_parameter(name: str) -> None:
+    sim = Simulator(tasks=1, seed=44)
+    async with asgi_client(sim, signer()) as client:
+        response = await client.post("/", params={"Action": ACK, "Version": INTL, name: "x"})
+    body = assert_error(response, 400, "InvalidParameter")
+    assert "TaskDetailNo" in body["Message"] and len(body["Message"]) < 300
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+_CONTROL_COMMANDS = st.one_of(
+    _JSON_VALUES,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "faults": st.one_of(
+                _JSON_VALUES,
+                st.dictionaries(
+                    st.sampled_from(["latency_s", "hang_ratio", "ack_max_ids", "actions", "hang_s", "nope"]),
+                    st.one_of(_JSON_VALUES, st.floats(min_value=0), st.lists(st.text(max_size=20), max_size=3)),
+                    max_size=3,
+                ),
+            ),
+            "add_details": st.one_of(st.integers(), _JSON_VALUES),
+            "add_raw": st.one_of(st.lists(_JSON_VALUES, max_size=3), _JSON_VALUES),
+        },
+    ),
+)
+
+
+@_FUZZ
+@given(command=_CONTROL_COMMANDS)
+async def test_control_takes_what_it_can_and_refuses_the_rest_with_400(command: Any) -> None:
+    sim = Simulator(tasks=0, seed=45)
+    async with asgi_client(sim) as client:
+        response = await client.post("/_control", content=json.dumps(command).encode())
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"]
+    assert sim.pending_count <= 100_000
+    for limit in (sim.faults.latency_s, sim.faults.hang_s):
+        assert 0 <= limit <= 3600
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b'{"add_raw": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested"),
+        (b'{"add_details": 1', 400, "not JSON"),
+        (b"\xff\xfe{}", 400, "not JSON"),
+        (b'{"faults": {"latency_s": NaN}}', 400, "NaN"),
+        (b'{"faults": {"latency_s": 1e999}}', 400, "latency_s"),
+        (b'{"faults": {"ack_max_ids": 1' + b"0" * 400 + b"}}", 400, "ack_max_ids"),
+        (b'{"faults": {"ack_max_ids": 2.5}}', 400, "ack_max_ids"),
+        (b'{"faults": {"actions": ["Nope"]}}', 400, "Nope"),
+        (b'{"add_details": 100001}', 400, "add_details"),
+        (b'{"add_details": 99999, "add_raw": [1, 2]}', 400, "add_raw"),
+        (b'{"add_raw": [1]}' + b" " * (1024 * 1024), 413, "1048576"),
+    ],
+)
+async def test_control_refuses_bad_bodies_with_a_clear_message(body: bytes, status: int, words: str) -> None:
+    sim = Simulator(tasks=0, seed=46)
+    async with asgi_client(sim) as client:
+        response = await client.post("/_control", content=body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+    assert sim.pending_count == 0 and sim.faults == Faults()
+
+
+async def test_state_stays_cheap_with_a_large_backlog() -> None:
+    sim = Simulator(tasks=3000, seed=47, faults=Faults(malformed_ratio=1.0))
+    sim._backlog.acknowledge(list(sim._backlog.known)[:2500])
+    async with asgi_client(sim) as client:
+        started = time.monotonic()
+        state = (await client.get("/_state")).json()
+        elapsed = time.monotonic() - started
+    assert len(state["ack_counts"]) == 1000 and len(state["malformed_ids"]) == 1000
+    assert state["truncated"] == ["ack_counts", "malformed_ids"]
+    assert state["pending"] == 500 and state["acknowledged"] == 2500
+    assert state["malformed_ids"] == sorted(sim.malformed_ids)[:1000]
+    assert elapsed < 0.5
+
+
+def test_the_simulator_binds_loopback_unless_told_otherwise() -> None:
+    from bridge.cli import build_parser
+
+    assert build_parser().parse_args(["simulate"]).host == "127.0.0.1"
+    assert build_parser().parse_args(["simulate", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+async def test_huge_and_non_utf8_queries_over_real_http_get_4xx() -> None:
+    async with running(Simulator(tasks=3, seed=48)) as url, httpx.AsyncClient(base_url=url) as client:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /?" + b"A=1&" * 600_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        huge = int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
+        writer.close()
+        odd = await client.get("/?Action=%ff%fe&PageNum=%80&Version=%c3%28")
+        control = await client.post("/_control?x=%ff", content=b"\xff" * 100)
+    assert 400 <= huge < 500
+    assert odd.status_code == 400 and odd.json()["Code"] in {"MissingParameter", "InvalidVersion"}
+    assert control.status_code == 400 and "not JSON" in control.json()["error"]

@@ -3,12 +3,19 @@
 Routes: ``/`` (the signed API, GET or POST, parameters in the query or a form body), ``GET /_state`` (an
 unsigned view of the backlog) and ``POST /_control`` (unsigned steering: faults, more details). Every answer is
 JSON; a client that does not ask for JSON gets an error naming the fix, since the real gateway would send XML.
+
+Bad input never gets a 500: API parameters get the gateway's 400 (``MissingParameter``, ``InvalidParameter``),
+``/_control`` a 413 over :data:`MAX_CONTROL_BYTES` and a 400 naming the field for anything else it cannot take,
+and ``/_state`` lists at most :data:`STATE_LIST_LIMIT` ids per list, so it stays cheap with a large backlog.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -22,7 +29,7 @@ from bridge.simulator.generator import DetailGenerator, malform
 from bridge.simulator.request import ApiRequest
 from bridge.simulator.verify import Verifier
 
-__all__ = ["HOSTS", "MAX_PAGE_SIZE", "Simulator"]
+__all__ = ["HOSTS", "MAX_CONTROL_BYTES", "MAX_CONTROL_DETAILS", "MAX_PAGE_SIZE", "STATE_LIST_LIMIT", "Simulator"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,6 +40,15 @@ MAX_PAGE_SIZE = 1000
 # API version -> the gateway host it belongs to (the HostId of answers).
 HOSTS = {"2017-12-18": "domain-intl.aliyuncs.com", "2018-01-29": "domain.aliyuncs.com"}
 _MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_CONTROL_BYTES = 1024 * 1024
+MAX_CONTROL_DETAILS = 100_000
+"""Most records one ``POST /_control`` may add (``add_details`` plus ``add_raw``)."""
+STATE_LIST_LIMIT = 1000
+"""Most entries of each list or map in ``GET /_state`` (``truncated`` names the ones cut)."""
+# The gateway's integer parameters are Java Integers: anything else is InvalidParameter.
+_INTEGER = re.compile(r"-?[0-9]{1,10}")
+_INT32 = range(-(2**31), 2**31)
+_CONTROL_KEYS = frozenset({"faults", "add_details", "add_raw"})
 _JSON = b"application/json;charset=utf-8"
 _Response = tuple[int, bytes]
 
@@ -51,10 +67,62 @@ def _int_param(params: dict[str, str], name: str, *, required: bool) -> int | No
         if required:
             raise missing_parameter(name)
         return None
+    if not _INTEGER.fullmatch(raw) or int(raw) not in _INT32:
+        raise invalid_parameter(name, f"{_shorten(raw)!r} is not a 32-bit integer")
+    return int(raw)
+
+
+def _shorten(value: str, limit: int = 64) -> str:
+    """A parameter value for an error message: a huge value is cut, with its length."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+
+
+def _detail_number(name: str) -> int | None:
+    """N of a ``TaskDetailNo.N`` parameter name; None for any other name; InvalidParameter for a bad N."""
+    prefix, dot, number = name.partition(".")
+    if prefix != "TaskDetailNo" or not dot:
+        return None
+    if not _INTEGER.fullmatch(number) or not 1 <= int(number) < 2**31:
+        raise invalid_parameter(_shorten(name), "N of TaskDetailNo.N must be an integer from 1")
+    return int(number)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _control_command(body: bytes) -> tuple[dict[str, Any], int, list[Any]]:
+    """``(faults, add_details, add_raw)`` of a ``/_control`` body; ValueError naming what is wrong."""
     try:
-        return int(raw)
-    except ValueError:
-        raise invalid_parameter(name, f"{raw!r} is not an integer") from None
+        command = json.loads(body or b"{}", parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("the JSON body is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise ValueError(f"the body is not JSON: {exc}") from None
+    if not isinstance(command, dict):
+        raise ValueError("expected a JSON object")
+    unknown = set(command) - _CONTROL_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys: {', '.join(sorted(_shorten(k) for k in unknown))}")
+    faults = command.get("faults", {})
+    if not isinstance(faults, dict):
+        raise ValueError("faults: expected an object")
+    count = command.get("add_details", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_CONTROL_DETAILS:
+        raise ValueError(f"add_details: expected an integer from 0 to {MAX_CONTROL_DETAILS}")
+    raw = command.get("add_raw", [])
+    if not isinstance(raw, list):
+        raise ValueError("add_raw: expected a list of records")
+    if count + len(raw) > MAX_CONTROL_DETAILS:
+        raise ValueError(f"add_details and add_raw: at most {MAX_CONTROL_DETAILS} records per call")
+    return faults, count, raw
+
+
+def _first(values: Any, limit: int, *, smallest: bool = False) -> tuple[list[Any], bool]:
+    """At most ``limit`` of ``values`` (the smallest, or the first), and whether some were left out."""
+    if smallest:
+        return heapq.nsmallest(limit, values), len(values) > limit
+    return list(itertools.islice(values, limit)), len(values) > limit
 
 
 class Simulator:
@@ -152,15 +220,29 @@ class Simulator:
         body = self._backlog.known.get(detail_no)
         return None if body is None else dict(json.loads(body))
 
-    def state(self) -> dict[str, Any]:
-        """What ``GET /_state`` answers."""
+    def state(self, limit: int | None = None) -> dict[str, Any]:
+        """What ``GET /_state`` answers (with ``limit``: at most that many entries per list or map)."""
+        if limit is None:
+            return {
+                "pending": self.pending_count,
+                "acknowledged": self.acknowledged_count,
+                "ack_counts": self.ack_counts,
+                "malformed_ids": sorted(self.malformed_ids),
+                "polls_by_page": {str(page): count for page, count in sorted(self.polls_by_page.items())},
+                "faults": self.faults.to_dict(),
+            }
+        ack_ids, ack_cut = _first(self.ack_counts, limit)
+        malformed, malformed_cut = _first(self.malformed_ids, limit, smallest=True)
+        pages, pages_cut = _first(self.polls_by_page, limit, smallest=True)
+        cut = {"ack_counts": ack_cut, "malformed_ids": malformed_cut, "polls_by_page": pages_cut}
         return {
             "pending": self.pending_count,
             "acknowledged": self.acknowledged_count,
-            "ack_counts": self.ack_counts,
-            "malformed_ids": sorted(self.malformed_ids),
-            "polls_by_page": {str(page): count for page, count in sorted(self.polls_by_page.items())},
+            "ack_counts": {detail_no: self.ack_counts[detail_no] for detail_no in ack_ids},
+            "malformed_ids": malformed,
+            "polls_by_page": {str(page): self.polls_by_page[page] for page in pages},
             "faults": self.faults.to_dict(),
+            "truncated": sorted(name for name, was_cut in cut.items() if was_cut),
         }
 
     # --- ASGI ----------------------------------------------------------------------------------------------
@@ -174,7 +256,8 @@ class Simulator:
             raise RuntimeError(f"the simulator does not speak {scope['type']!r}")
         body = await _read_body(receive)
         if body is None:
-            status, payload, request_id = 413, _json({"error": "request body too large"}), None
+            error = f"the request body is over {_MAX_BODY_BYTES} bytes, the most this simulator reads"
+            status, payload, request_id = 413, _json({"error": error}), None
         else:
             status, payload, request_id = await self._route(scope, body)
         headers = [(b"content-type", _JSON), (b"content-length", str(len(payload)).encode())]
@@ -186,7 +269,7 @@ class Simulator:
     async def _route(self, scope: Scope, body: bytes) -> tuple[int, bytes, str | None]:
         path, method = scope["path"], scope["method"].upper()
         if path == "/_state" and method == "GET":
-            return 200, _json(self.state()), None
+            return 200, _json(self.state(STATE_LIST_LIMIT)), None
         if path == "/_control" and method == "POST":
             return (*self._control(body), None)
         request_id = _request_id()
@@ -281,9 +364,9 @@ class Simulator:
     def _acknowledge(self, request: ApiRequest, request_id: str) -> bytes:
         numbered: list[tuple[int, str]] = []
         for name, value in request.query + request.form:
-            prefix, _, number = name.partition(".")
-            if prefix == "TaskDetailNo" and number.isdigit():
-                numbered.append((int(number), value))
+            number = _detail_number(name)
+            if number is not None:
+                numbered.append((number, value))
         if not numbered:
             raise missing_parameter("TaskDetailNo")
         limit = int(self.faults.ack_max_ids)
@@ -294,29 +377,17 @@ class Simulator:
         return _json({"RequestId": request_id, "Result": removed})
 
     def _control(self, body: bytes) -> tuple[int, bytes]:
+        if len(body) > MAX_CONTROL_BYTES:
+            return 413, _json({"error": f"the body has {len(body)} bytes, at most {MAX_CONTROL_BYTES} are taken"})
         try:
-            command = json.loads(body or b"{}")
-            if not isinstance(command, dict):
-                raise ValueError("expected a JSON object")
-            unknown = set(command) - {"faults", "add_details", "add_raw"}
-            if unknown:
-                raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
-            faults = command.get("faults", {})
-            if not isinstance(faults, dict):
-                raise ValueError("faults: expected an object")
-            count = command.get("add_details", 0)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise ValueError("add_details: expected an integer >= 0")
-            raw = command.get("add_raw", [])
-            if not isinstance(raw, list):
-                raise ValueError("add_raw: expected a list of records")
+            faults, count, raw = _control_command(body)
             self.faults.update(faults)
         except ValueError as exc:
             return 400, _json({"error": str(exc)})
         added = self.add_details(count)
         for record in raw:
             self.add_raw(record)
-        return 200, _json({"added": added, **self.state()})
+        return 200, _json({"added": added, **self.state(STATE_LIST_LIMIT)})
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Serve a simulated Alibaba Cloud Domain API gateway with a seeded backlog of task details. "
         "GET /_state shows the backlog; POST /_control changes faults or adds details.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tasks", type=int, default=1000, help="details pending at start")
     parser.add_argument("--seed", type=int, default=0)

@@ -66,22 +66,41 @@ class Faults:
         staged: dict[str, Any] = {}
         for name, value in changes.items():
             if name == "actions":
-                if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(a, str) for a in value):
-                    raise ValueError("actions: expected a list of action names")
-                staged[name] = frozenset(value)
-                continue
-            if name not in _FLOAT_FIELDS:
-                raise ValueError(f"{name}: not a fault setting")
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name}: expected a number >= 0")
-            if name in _RATIOS and value > 1:
-                raise ValueError(f"{name}: a ratio is at most 1")
-            staged[name] = float(value)
+                staged[name] = _actions(value)
+            elif name in _FLOAT_FIELDS:
+                staged[name] = _number(name, value)
+            else:
+                raise ValueError(f"{str(name)[:64]}: not a fault setting")
         for name, value in staged.items():
             setattr(self, name, value)
 
 
 _FLOAT_FIELDS = frozenset(f.name for f in dataclasses.fields(Faults)) - {"actions"}
+# Upper bounds of the fields that are not ratios: an hour of latency or hang, a million ids per call.
+_MAXIMA = {"latency_s": 3600.0, "hang_s": 3600.0, "ack_max_ids": 1_000_000.0}
+
+
+def _actions(value: Any) -> frozenset[str]:
+    if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(a, str) for a in value):
+        raise ValueError("actions: expected a list of action names")
+    unknown = set(value) - ACTIONS
+    if unknown:
+        raise ValueError(
+            f"actions: unknown {', '.join(sorted(a[:64] for a in unknown))}; known: {', '.join(sorted(ACTIONS))}"
+        )
+    return frozenset(value)
+
+
+def _number(name: str, value: Any) -> float:
+    # Compared, never converted: a JSON integer can be too large for a float, and NaN fails every comparison.
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        raise ValueError(f"{name}: expected a number >= 0")
+    most = 1.0 if name in _RATIOS else _MAXIMA[name]
+    if value > most:
+        raise ValueError(f"{name}: at most {most:g}" + (" (a ratio)" if name in _RATIOS else ""))
+    if name == "ack_max_ids" and value != int(value):
+        raise ValueError(f"{name}: expected a whole number")
+    return float(value)
 
 
 class FaultInjector:
