@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 
-from bridge.errors import BridgeError
 from bridge.health import create_app
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
@@ -78,18 +77,4 @@ class App:
                 },
             )
             self.started.set()
-            try:
-                return await loop.run(stop, once=once)
-            except BaseExceptionGroup as group:
-                # The loop's task group wraps a failure of the acknowledger; surface the first bridge error.
-                for exc in _leaves(group):
-                    if isinstance(exc, BridgeError):
-                        raise exc from None
-                raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
+            return await loop.run(stop, once=once)

@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     ack_batch_size: int = Field(default=500, ge=1, le=1000)
     ack_concurrency: int = Field(default=4, ge=1, le=64)
     read_ahead: bool = True
+    ack_memory: int = Field(default=100_000, ge=0, le=10_000_000)
 
     # --- broker and event contract ---
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")

@@ -6,6 +6,7 @@ import pytest
 
 from bridge.acknowledger import Acknowledger
 from bridge.errors import FatalUpstreamError, RefusedParametersError, UpstreamError
+from bridge.ledger import Ledger
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.upstream import ACKNOWLEDGE_ACTION
@@ -18,7 +19,8 @@ def refusal(kind: type[UpstreamError], status: int, code: str | None) -> Upstrea
 
 def acknowledger(metrics: Metrics, batch_size: int = 500) -> Acknowledger:
     settings = Settings(access_key_id="id", access_key_secret="secret", ack_batch_size=batch_size)
-    return Acknowledger(None, settings, metrics)  # type: ignore[arg-type]  # no call is made here
+    ledger = Ledger(metrics, ack_memory=settings.ack_memory, batch_size=batch_size)
+    return Acknowledger(None, settings, metrics, ledger)  # type: ignore[arg-type]  # no call is made here
 
 
 @pytest.mark.parametrize(
