@@ -106,19 +106,24 @@ def after_page(counts: Counts, pacing: Pacing, page: PageShape, once: bool) -> A
     """The step after ``page`` was taken in (``counts`` already include what it brought)."""
     if page.full and page.new:
         return After.POLL  # more backlog behind this page
-    nothing = page.new == 0 and page.known == 0
-    if nothing and page.full and pacing.read_ahead:
+    if page.new == 0 and page.known == 0:
+        return _after_nothing(counts, pacing, page, once)
+    if not counts.on_their_way:
+        return After.POLL  # all the page brought was acknowledged while on its way: what comes after it?
+    if page.full:
+        return After.SOME_SETTLED  # everything on the page is on its way: poll again once some of it settled
+    return After.ALL_SETTLED if once else After.SLEEP
+
+
+def _after_nothing(counts: Counts, pacing: Pacing, page: PageShape, once: bool) -> After:
+    """The step after a page with nothing this bridge can still process."""
+    if page.full and pacing.read_ahead:
         start_num, start_size = read_ahead_page(counts, pacing)
         if (start_num - 1) * start_size > (page.page_num - 1) * page.page_size:
             # A full page of records without a usable TaskDetailNo: read ahead past them once it may go on.
             return After.READ_AHEAD
-    if nothing and (page.page_num == 1 or page.full or (page.page_one_blocked and not counts.on_their_way)):
-        # Nothing this bridge can still process, and nothing it can reach behind it.
-        return After.DRAINED if once else After.SLEEP
+    if page.page_num == 1 or page.full or (page.page_one_blocked and not counts.on_their_way):
+        return After.DRAINED if once else After.SLEEP  # and nothing this bridge can reach behind it
     if not counts.on_their_way:
-        # Past what was held, nothing, all settled: page 1 next, to see whether that is all. Or what the page
-        # brought was all acknowledged while on its way: the next poll shows what comes after it.
-        return After.PAGE_ONE if nothing else After.POLL
-    if page.full:
-        return After.SOME_SETTLED  # everything on the page is on its way: poll again once some of it settled
+        return After.PAGE_ONE  # past what was held, nothing, all settled: page 1 next, to see whether that is all
     return After.ALL_SETTLED if once else After.SLEEP
