@@ -1,0 +1,108 @@
+"""One task group per run, one error type out of it: what is left after a fatal error and after a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import bridge
+from bridge import errors
+from bridge.app import App
+from bridge.errors import BridgeError, FatalUpstreamError
+from bridge.metrics import Metrics
+from bridge.simulator import Faults, Simulator
+from bridge.upstream import ACKNOWLEDGE_ACTION
+from tests.harness import Broker, bridge_settings, broker_view, eventually, sample
+
+BRIDGE_DIR = str(Path(bridge.__file__).parent)
+
+
+def test_error_tree_docstring_and_all_agree() -> None:
+    doc = errors.__doc__ or ""
+    tree = doc.split("::", 1)[1].split("\n\n")[1]  # the indented block after the "::"
+    in_tree = set(re.findall(r"^ +[│├└─ ]*([A-Z][A-Za-z]+)\s", tree, flags=re.MULTILINE))
+    assert in_tree == set(errors.__all__)
+    for name in errors.__all__:
+        kind = getattr(errors, name)
+        assert isinstance(kind, type) and issubclass(kind, BridgeError), name
+    defined = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    assert defined == set(errors.__all__)
+
+
+def bridge_tasks() -> list[asyncio.Task[object]]:
+    """Tasks still running code of the bridge (the caller's own task aside)."""
+    found = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task() or task.done():
+            continue
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and code.co_filename.startswith(BRIDGE_DIR) and "simulator" not in code.co_filename:
+            found.append(task)
+    return found
+
+
+class FatalAcknowledgements(httpx.AsyncBaseTransport):
+    """The simulator, except that every AcknowledgeTaskResult is refused with a fatal error."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self._inner = httpx.ASGITransport(app=sim)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if ACKNOWLEDGE_ACTION.encode() in request.url.query or ACKNOWLEDGE_ACTION in request.headers.get(
+            "x-acs-action", ""
+        ):
+            return httpx.Response(403, json={"Code": "Forbidden.RAM", "Message": "no", "RequestId": "r-1"})
+        return await self._inner.handle_async_request(request)
+
+
+@pytest.fixture
+async def broker(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
+    async with broker_view(broker_url, exchange_name) as view:
+        yield view
+
+
+@pytest.mark.broker
+async def test_a_fatal_acknowledgement_error_ends_every_task_and_raises_one_error(
+    broker: Broker, broker_url: str
+) -> None:
+    sim = Simulator(tasks=300, seed=31, faults=Faults(latency_s=0.005))
+    settings = bridge_settings(broker.exchange, broker_url, page_size=50)
+    async with httpx.AsyncClient(transport=FatalAcknowledgements(sim)) as http:
+        with pytest.raises(FatalUpstreamError) as caught:  # the error itself, not an exception group
+            await App(settings, http=http).run(asyncio.Event())
+    assert "Forbidden.RAM" in str(caught.value)
+    assert bridge_tasks() == []
+    assert sim.acknowledged_count == 0
+
+
+@pytest.mark.broker
+async def test_a_stop_publishes_only_what_is_on_the_wire_and_leaves_no_task(broker: Broker, broker_url: str) -> None:
+    window = 4
+    sim = Simulator(tasks=2000, seed=32)
+    queue = await broker.bind("all")
+    metrics = Metrics()
+    settings = bridge_settings(broker.exchange, broker_url, page_size=500, max_in_flight=window)
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim)) as http:
+        app = App(settings, metrics=metrics, http=http)
+        run = asyncio.create_task(app.run(stop))
+        await eventually(
+            lambda: sample(metrics, "bridge_events_published_total", outcome="ack") >= 50, what="publishing"
+        )
+        assert app.loop is not None and app.loop.ledger.in_flight > window, "publishes should be queued"
+        stop.set()
+        at_stop = sum(sample(metrics, "bridge_events_published_total", outcome=o) for o in ("ack", "nack"))
+        complete = await asyncio.wait_for(run, settings.shutdown_timeout_s + 5)
+    after = sum(sample(metrics, "bridge_events_published_total", outcome=o) for o in ("ack", "nack"))
+    assert complete
+    assert after - at_stop <= 2 * window, "queued publishes went on after the stop"
+    assert bridge_tasks() == []
+    ids = [str(m.message_id) for m in await broker.take(queue.name)]
+    assert len(ids) == len(set(ids))
+    assert set(sim.ack_counts) == set(ids), "every published detail acknowledged, nothing else"
+    assert sim.pending_count == 2000 - len(ids)
