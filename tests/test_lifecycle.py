@@ -13,10 +13,12 @@ import pytest
 import bridge
 from bridge import errors
 from bridge.app import App
-from bridge.errors import BridgeError, FatalUpstreamError
+from bridge.errors import BridgeError, BrokerRefusedError, FatalUpstreamError
+from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
+from bridge.settings import Settings
 from bridge.simulator import Faults, Simulator
-from bridge.upstream import ACKNOWLEDGE_ACTION
+from bridge.upstream import ACKNOWLEDGE_ACTION, Page
 from tests.harness import Broker, bridge_settings, broker_view, eventually, sample
 
 BRIDGE_DIR = str(Path(bridge.__file__).parent)
@@ -106,3 +108,59 @@ async def test_a_stop_publishes_only_what_is_on_the_wire_and_leaves_no_task(brok
     assert len(ids) == len(set(ids))
     assert set(sim.ack_counts) == set(ids), "every published detail acknowledged, nothing else"
     assert sim.pending_count == 2000 - len(ids)
+
+
+class FakeUpstream:
+    """An upstream with nothing pending."""
+
+    async def poll(self, page_num: int = 1, page_size: int | None = None) -> Page:
+        return Page(request_id="r", page_num=page_num, page_size=page_size or 1, total_items=0, total_pages=0)
+
+
+class RefusingPublisher:
+    """A broker that refuses the login on the connections listed in ``refused`` (0 = the first)."""
+
+    def __init__(self, refused: set[int]) -> None:
+        self.refused = refused
+        self.attempts = 0
+        self.connected = False
+
+    async def connect(self) -> None:
+        attempt, self.attempts = self.attempts, self.attempts + 1
+        if attempt in self.refused:
+            raise BrokerRefusedError("ACCESS_REFUSED - Login was refused")
+        self.connected = True
+
+
+def fake_loop(publisher: RefusingPublisher) -> BridgeLoop:
+    settings = Settings(
+        access_key_id="id",
+        access_key_secret="secret",
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+        max_in_flight=2,
+        poll_interval_s=0.1,
+    )
+    return BridgeLoop(settings, FakeUpstream(), publisher, Metrics())  # type: ignore[arg-type]
+
+
+async def test_a_broker_refusal_at_start_is_fatal() -> None:
+    publisher = RefusingPublisher(refused={0})
+    with pytest.raises(BrokerRefusedError, match="ACCESS_REFUSED"):
+        await fake_loop(publisher).run(asyncio.Event(), once=True)
+    assert publisher.attempts == 1
+    assert bridge_tasks() == []
+
+
+async def test_a_broker_refusal_after_the_first_connection_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    publisher = RefusingPublisher(refused={1, 2})
+    loop = fake_loop(publisher)
+    stop = asyncio.Event()
+    run = asyncio.create_task(loop.run(stop))
+    await eventually(lambda: publisher.attempts == 1, what="first connection")
+    publisher.connected = False  # the connection is lost; the next two attempts are refused
+    await eventually(lambda: publisher.attempts == 4 and publisher.connected, what="reconnected")
+    stop.set()
+    assert await run
+    retried = [r for r in caplog.records if r.getMessage() == "broker refused the connection; retrying"]
+    assert len(retried) == 2 and all("ACCESS_REFUSED" in r.__dict__["error"] for r in retried)
