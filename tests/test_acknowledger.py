@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from bridge.acknowledger import Acknowledger
@@ -57,3 +59,24 @@ def test_other_refusals_are_not_read_as_size(kind: type[UpstreamError], status: 
     acks = acknowledger(metrics)
     assert not acks._shrink_after_refusal(refusal(kind, status, code), size)
     assert sample(metrics, "bridge_ack_batch_size") == 500
+
+
+@pytest.mark.parametrize("confirmed", [None, -1, "3", 2.5, True])
+def test_an_unusable_result_is_logged_and_counted_never_raised(
+    confirmed: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    acks = acknowledger(metrics)
+    acks._count(3, SimpleNamespace(sent=3, confirmed=confirmed, request_id="req-1"))
+    assert sample(metrics, "bridge_ack_results_unusable_total") == 1
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="confirmed") == 0
+    (line,) = caplog.records
+    assert line.levelname == "WARNING" and line.__dict__["request_id"] == "req-1"
+
+
+def test_a_partial_result_is_counted_as_not_confirmed() -> None:
+    metrics = Metrics()
+    acknowledger(metrics)._count(5, SimpleNamespace(sent=5, confirmed=2, request_id=None))
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="confirmed") == 2
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="not_confirmed") == 3
+    assert sample(metrics, "bridge_ack_results_unusable_total") == 0

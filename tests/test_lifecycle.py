@@ -164,3 +164,32 @@ async def test_a_broker_refusal_after_the_first_connection_is_retried(caplog: py
     assert await run
     retried = [r for r in caplog.records if r.getMessage() == "broker refused the connection; retrying"]
     assert len(retried) == 2 and all("ACCESS_REFUSED" in r.__dict__["error"] for r in retried)
+
+
+async def test_the_first_fully_confirmed_poll_after_nacks_resets_the_broker_backoff() -> None:
+    loop = fake_loop(RefusingPublisher(refused=set()))
+    stop = asyncio.Event()
+    stop.set()  # a pause returns at once, but still counts as one
+    async with asyncio.TaskGroup() as group:
+        loop._group = group
+        # Poll 1: both publishes nacked, the broker backoff grows.
+        loop._rounds[1] = [2, 0]
+        for _ in range(2):
+            loop._publish_failures += 1
+            loop._round_answered(1, ok=False)
+        await loop._pause_after_publish_failures(stop, once=False)
+        assert loop._broker_backoff.failures == 1
+        # Poll 2: one more nack of an older publish lands late, then poll 3 is confirmed in full.
+        loop._publish_failures += 1
+        loop._rounds[3] = [2, 0]
+        for _ in range(2):
+            loop._publish_acks += 1
+            loop._round_answered(3, ok=True)
+        await loop._pause_after_publish_failures(stop, once=False)
+        assert loop._broker_backoff.failures == 0, "a fully confirmed poll after nacks still backed off"
+        # And nacks of a newer poll than the last clean one pause again.
+        loop._rounds[4] = [1, 0]
+        loop._publish_failures += 1
+        loop._round_answered(4, ok=False)
+        await loop._pause_after_publish_failures(stop, once=False)
+        assert loop._broker_backoff.failures == 1
