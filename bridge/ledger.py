@@ -269,7 +269,8 @@ class Ledger:
         except TimeoutError:
             pass
         finally:
-            self._wake_when = None
+            if self._wake_when is condition:  # a waiter cancelled late must not clear its successor's condition
+                self._wake_when = None
 
     # --- internals ---
     def _confirm(self, detail_no: str) -> None:

@@ -386,10 +386,8 @@ class BridgeLoop:
     async def _wait_until(self, stop: asyncio.Event, condition: Any) -> None:
         """Wait until ``condition()`` holds (or stop); the ledger wakes the loop only when it does."""
         while not condition() and not stop.is_set():
-            # The timeout is a safety net; the wake-up comes from the ledger.
-            await self._until_stopped(
-                stop, self.ledger.wait_until(condition, self._settings.poll_interval_s), self._settings.poll_interval_s
-            )
+            # The ledger's timeout is a safety net; the wake-up comes from the ledger.
+            await self._until_stopped(stop, self.ledger.wait_until(condition, self._settings.poll_interval_s))
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         await self._until_stopped(stop, asyncio.sleep(seconds))
