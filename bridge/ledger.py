@@ -51,7 +51,8 @@ class Progress:
 class Ledger:
     """Every detail's state, the counts the poll policy reads, and the conditions both tasks wait on.
 
-    ``ack_memory`` bounds the recently acknowledged ids (oldest forgotten first); ``batch_size`` is the number
+    ``ack_memory`` bounds the recently acknowledged ids (oldest forgotten first, but never one acknowledged after
+    the latest poll was sent, which that poll may still list); ``batch_size`` is the number
     of confirmed ids at which the acknowledger need not wait for more (see :meth:`wait_for_batch`).
     """
 
@@ -141,6 +142,7 @@ class Ledger:
     def poll_sent(self) -> int:
         """A poll is about to go out; the token it returns goes to :meth:`polled` with the poll's records."""
         self._polls += 1
+        self._trim()
         return self._polls
 
     def polled(self, records: Sequence[RawRecord], token: int) -> tuple[list[RawRecord], int]:
@@ -234,8 +236,7 @@ class Ledger:
             memory[detail_no] = polls
             order.append(detail_no)
             count += 1
-        while len(memory) > self._ack_memory:
-            self._forget_oldest()
+        self._trim()
         self.progress.acknowledged += count
         self.failing = False
         self._settled()
@@ -287,18 +288,29 @@ class Ledger:
         if self._wake_when is not None and self._wake_when():
             self._changed.set()
 
-    def _forget_oldest(self) -> None:
-        forgotten = self._order.popleft()
-        stale = self._stale.get(forgotten)
+    def _trim(self) -> None:
+        """Past ``ack_memory``, forget the oldest acknowledged ids, except those the poll under way may list."""
+        while len(self._acknowledged) > self._ack_memory and self._forget_oldest():
+            pass
+
+    def _forget_oldest(self) -> bool:
+        """Forget the oldest acknowledged id; False when it must stay: the latest poll may still list it."""
+        oldest = self._order[0]
+        stale = self._stale.get(oldest)
         if stale:
-            # An earlier entry of an id acknowledged again since: the id is remembered further on.
+            # An earlier entry of an id acknowledged again (or back) since: the id is remembered further on.
+            self._order.popleft()
             if stale == 1:
-                del self._stale[forgotten]
+                del self._stale[oldest]
             else:
-                self._stale[forgotten] = stale - 1
-            return
-        del self._acknowledged[forgotten]
-        self._returns.pop(forgotten, None)
+                self._stale[oldest] = stale - 1
+            return True
+        if self._acknowledged[oldest] >= self._polls:
+            return False
+        self._order.popleft()
+        del self._acknowledged[oldest]
+        self._returns.pop(oldest, None)
+        return True
 
     def _came_back(self, detail_no: str) -> None:
         del self._acknowledged[detail_no]

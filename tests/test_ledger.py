@@ -105,9 +105,36 @@ def test_the_memory_of_acknowledged_ids_is_bounded() -> None:
     for detail_no in "ABC":
         led.confirmed(detail_no)
     led.acknowledged(led.sent(10))
+    assert led.remembered == 3, "the poll under way may list all three"
+    led.poll_sent()
     assert led.remembered == 2
     new, _ = led.polled([record("A"), record("C")], led.poll_sent())
     assert [r.detail_no for r in new] == ["A"], "A was forgotten: published again (a duplicate with its message id)"
+
+
+def test_ids_are_opaque_used_byte_for_byte() -> None:
+    led, _ = ledger()
+    variants = ["A", "A ", " A", "a", "A\n", "\uff21"]  # the last: FULLWIDTH A
+    new, _ = led.polled([record(d) for d in variants], led.poll_sent())
+    assert [r.detail_no for r in new] == variants
+    for detail_no in variants:
+        led.confirmed(detail_no)
+    assert led.sent(10) == variants
+
+
+def test_a_small_memory_still_keeps_what_a_poll_under_way_may_list() -> None:
+    led, _ = ledger(ack_memory=0)
+    led.polled([record(d) for d in "AB"], led.poll_sent())
+    for detail_no in "AB":
+        led.confirmed(detail_no)
+    led.sent(10)
+    token = led.poll_sent()
+    led.acknowledged(["A", "B"])
+    assert led.remembered == 2
+    new, known = led.polled([record("A"), record("B")], token)
+    assert new == [] and known == 2
+    led.poll_sent()  # the next poll forgets them: no poll under way can list them any more
+    assert led.remembered == 0
 
 
 def test_same_id_twice_on_a_page_publishes_the_first_copy_and_warns_when_they_differ(
@@ -139,7 +166,7 @@ def test_records_without_a_usable_id_are_counted_once_by_content() -> None:
 class LedgerMachine(RuleBasedStateMachine):
     """Random interleavings against one ledger (restarted now and then), checked after every step."""
 
-    @initialize(ack_memory=st.sampled_from([1, 3, 1000]), batch_size=st.integers(1, 4))
+    @initialize(ack_memory=st.sampled_from([0, 1, 3, 1000]), batch_size=st.integers(1, 4))
     def start(self, ack_memory: int, batch_size: int) -> None:
         self.ack_memory = ack_memory
         self.batch_size = batch_size
@@ -153,13 +180,16 @@ class LedgerMachine(RuleBasedStateMachine):
         self.confirmed: set[str] = set()  # its event confirmed by the broker in this ledger's lifetime
         self.calls: list[list[str]] = []
         self.acknowledged: set[str] = set()  # acknowledged by a call that succeeded, in this lifetime
+        self.acknowledged_at: dict[str, int] = {}  # id -> the latest poll sent when its call succeeded
+        self.last_poll = 0
         self.poll: tuple[int, list[str]] | None = None
 
     # --- the upstream ---
     @precondition(lambda self: self.poll is None)
     @rule()
     def send_poll(self) -> None:
-        self.poll = (self.ledger.poll_sent(), sorted(self.upstream))
+        self.last_poll = self.ledger.poll_sent()
+        self.poll = (self.last_poll, sorted(self.upstream))
 
     @precondition(lambda self: self.poll is not None)
     @rule(data=st.data())
@@ -177,6 +207,8 @@ class LedgerMachine(RuleBasedStateMachine):
             detail_no = item.detail_no
             assert detail_no is not None
             assert detail_no not in held, f"{detail_no} published again while held"
+            # Acknowledged after this poll was sent: the poll may list it, and no memory size forgets that.
+            assert self.acknowledged_at.get(detail_no, -1) < token, f"{detail_no} published again while listed late"
             if self.ack_memory >= len(IDS):
                 assert detail_no not in self.acknowledged, f"{detail_no} published again after its acknowledgement"
             held.add(detail_no)
@@ -223,6 +255,7 @@ class LedgerMachine(RuleBasedStateMachine):
             applied = set()
         self.upstream -= applied
         self.acknowledged |= set(batch)
+        self.acknowledged_at.update(dict.fromkeys(batch, self.last_poll))
         self.ledger.acknowledged(batch)
 
     @rule()
@@ -242,7 +275,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert led.in_flight == len(self.in_flight)
         assert led.sending == sum(len(call) for call in self.calls)
         assert led.on_their_way == led.in_flight + led.outstanding
-        assert led.remembered <= self.ack_memory
+        in_calls_since = sum(1 for d, at in self.acknowledged_at.items() if at >= self.last_poll)
+        assert led.remembered <= max(self.ack_memory, self.ack_memory + in_calls_since)
         for detail_no in self._ledger_confirmed():
             assert detail_no in self.confirmed
 
