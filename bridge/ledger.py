@@ -290,7 +290,8 @@ class Ledger:
 
     def _trim(self) -> None:
         """Past ``ack_memory``, forget the oldest acknowledged ids, except those the poll under way may list."""
-        while len(self._acknowledged) > self._ack_memory and self._forget_oldest():
+        # Bounded by the entries in _order, stale ones included, so ids that keep coming back cannot grow it.
+        while len(self._order) > self._ack_memory and self._forget_oldest():
             pass
 
     def _forget_oldest(self) -> bool:

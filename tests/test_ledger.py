@@ -285,3 +285,13 @@ LedgerMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_ledger_interleavings = LedgerMachine.TestCase
+
+
+def test_details_that_keep_coming_back_do_not_grow_the_memory() -> None:
+    led, _ = ledger(ack_memory=5)
+    led.polled([record("A")], led.poll_sent())
+    led.confirmed("A")
+    for _ in range(100):
+        led.acknowledged(led.sent(10))
+        led.polled([record("A")], led.poll_sent())  # back every time
+    assert len(led._order) <= 5 and len(led._stale) <= 5
