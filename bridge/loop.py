@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from bridge import policy
 from bridge.acknowledger import Acknowledger
@@ -383,7 +383,7 @@ class BridgeLoop:
         return complete
 
     # --- waiting helpers ---
-    async def _wait_until(self, stop: asyncio.Event, condition: Any) -> None:
+    async def _wait_until(self, stop: asyncio.Event, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds (or stop); the ledger wakes the loop only when it does."""
         while not condition() and not stop.is_set():
             # The ledger's timeout is a safety net; the wake-up comes from the ledger.
