@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 
-from bridge.errors import BridgeError, OperatorPortError
+from bridge.errors import OperatorPortError
 from bridge.health import operator_routes
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
@@ -85,14 +85,7 @@ class App:
                 },
             )
             self.started.set()
-            try:
-                return await loop.run(stop, once=once)
-            except BaseExceptionGroup as group:
-                # The loop's task group wraps a failure of the acknowledger; surface the first bridge error.
-                for exc in _leaves(group):
-                    if isinstance(exc, BridgeError):
-                        raise exc from None
-                raise
+            return await loop.run(stop, once=once)
 
 
 async def _open_operator_port(stack: AsyncExitStack, settings: Settings, handler: Handler, metrics: Metrics) -> int:
@@ -108,10 +101,3 @@ async def _open_operator_port(stack: AsyncExitStack, settings: Settings, handler
             f"operator port {where} {why}; set BRIDGE_METRICS_PORT (or BRIDGE_METRICS_HOST)"
         ) from None
     return bound_port
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found

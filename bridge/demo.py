@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from bridge import refusals
 from bridge.app import App
 from bridge.errors import BrokerError
-from bridge.loop import Progress
+from bridge.ledger import Progress
 from bridge.settings import Settings
 from bridge.simulator import Faults, Simulator, running
 from bridge.tail import bind_temporary_queue, format_line

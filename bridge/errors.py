@@ -12,22 +12,28 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     │   │   └── MalformedResponseError  a 2xx answer that cannot be read (too large, not JSON, not the shape)
     │   └── FatalUpstreamError        signature, unknown access key, missing parameter, clock skew, TLS: stop
     │       └── RefusedParametersError  InvalidParameter*, HTTP 413/414: the request's parameters or size
-    └── BrokerError                   the RabbitMQ connection or topology failed
-        ├── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
-        └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...)
+    ├── BrokerError                   the RabbitMQ connection or topology failed
+    │   ├── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
+    │   └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...)
+    ├── DeadlineExceeded              run --once: the upstream or the broker stayed unavailable past the deadline
+    └── InternalError                 a bug: an unexpected exception inside a run, wrapped (its cause attached)
 
-``RETRYABLE`` names the classes the run loop may retry; anything else stops the process with one clear line.
+The run loop (the one place retry policy lives) retries :class:`RetryableUpstreamError` and
+:class:`BrokerUnavailableError` with backoff, and :class:`BrokerRefusedError` too once a first connection
+succeeded; anything else stops the process with one clear line. A run raises exactly one error of this tree,
+never an exception group.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "RETRYABLE",
     "BridgeError",
     "BrokerError",
     "BrokerRefusedError",
     "BrokerUnavailableError",
+    "DeadlineExceeded",
     "FatalUpstreamError",
+    "InternalError",
     "MalformedResponseError",
     "OperatorPortError",
     "RefusedParametersError",
@@ -134,4 +140,9 @@ class BrokerRefusedError(BrokerError):
     """
 
 
-RETRYABLE: tuple[type[BridgeError], ...] = (RetryableUpstreamError, BrokerUnavailableError)
+class DeadlineExceeded(BridgeError):
+    """``run --once`` could not finish: the upstream or the broker stayed unavailable past the deadline."""
+
+
+class InternalError(BridgeError):
+    """An unexpected exception inside a run (a bug); the original is its ``__cause__``."""

@@ -82,6 +82,22 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.details_returned_after_ack = Counter(
+            "bridge_details_returned_after_ack",
+            "Details a poll listed again after their acknowledgement had succeeded; acknowledged again, not "
+            "published again.",
+            registry=r,
+        )
+        self.conflicting_details = Counter(
+            "bridge_conflicting_details",
+            "Second copies of a TaskDetailNo on one page with different content (the first copy is published).",
+            registry=r,
+        )
+        self.ack_results_unusable = Counter(
+            "bridge_ack_results_unusable",
+            "Successful AcknowledgeTaskResult calls whose Result was missing, negative or not a number.",
+            registry=r,
+        )
         self.in_flight = Gauge("bridge_publishes_in_flight", "Publishes waiting for the broker's confirm.", registry=r)
         self.confirmed_unacknowledged = Gauge(
             "bridge_confirmed_unacknowledged",

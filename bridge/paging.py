@@ -1,20 +1,6 @@
-"""Which page to poll: page 1, or a page that starts past the details the bridge already holds (read-ahead).
+"""Which page to poll for read-ahead: the page that starts past the details the bridge holds.
 
-PollTaskResult lists pending details oldest first, and a detail leaves the list only once acknowledged (the
-reference's warning that ``PageNum=2`` after acknowledging page 1 skips records rests on exactly that). So
-while the bridge holds ``held`` details that it has seen and not yet asked the upstream to acknowledge
-(publishes in flight, confirmed ids waiting for a call), those are the first ``held`` pending details and
-everything new starts at offset ``held``. Page 1 then brings at most ``page_size - held`` new details, and a
-page-1 poller waits a poll round trip plus an acknowledgement round trip for each page's worth.
-
-Page ``k`` of size ``s`` covers offsets ``(k-1)·s`` to ``k·s - 1``, so :func:`plan` picks the ``k`` and the
-``s ≤ page_size`` that bring the most details past ``held`` while starting at or before it.
-
-Nothing here decides what is delivered, only how soon. Every detail a page brings is checked against what the
-bridge holds, so a page that overlaps held details costs their parsing, never a second event. A page that
-starts past a new detail (the upstream orders differently, or an acknowledgement sent after the poll overtook
-it) leaves that detail for a later poll of page 1, which the run loop makes whenever less than half a page is
-held, at least once per poll interval, and always before ``run --once`` calls the backlog drained.
+See ``docs/design.md`` (*Read-ahead*) for why this is safe and how the run loop uses it.
 """
 
 from __future__ import annotations

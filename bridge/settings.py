@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     # A full page of 1000 details is about 0.42 MiB (the simulator's, measured); 16 MiB leaves room for 38 times that.
     upstream_max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     upstream_ca_file: Path | None = None
+    ack_memory: int = Field(default=100_000, ge=0, le=10_000_000)
 
     # --- broker and event contract ---
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")

@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from bridge.acknowledger import Acknowledger
+from bridge.ledger import Ledger
 from bridge.metrics import Metrics
+from bridge.records import RawRecord
 from bridge.settings import Settings
 from bridge.simulator import Simulator
 from bridge.upstream import ACK_IDS_MAX_BYTES, UpstreamClient
@@ -58,13 +60,17 @@ def settings(**overrides: Any) -> Settings:
 async def acknowledge_all(app: Any, config: Settings, ids: list[str], metrics: Metrics) -> Acknowledger:
     """Feed ``ids`` to an acknowledger over ``app`` and wait until none is outstanding."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
-        acks = Acknowledger(UpstreamClient(http, config), config, metrics, more_coming=lambda: False)
+        ledger = Ledger(metrics, ack_memory=config.ack_memory, batch_size=config.ack_batch_size)
+        acks = Acknowledger(UpstreamClient(http, config), config, metrics, ledger)
         task = asyncio.create_task(acks.run())
         try:
-            for detail_no in ids:
-                acks.add(detail_no)
-            acks.flush()
-            assert await acks.drain(20)
+            # Each id as a detail polled, published and confirmed: nothing else is in flight.
+            new, _known = ledger.polled([RawRecord({}, detail_no) for detail_no in ids], ledger.poll_sent())
+            for record in new:
+                assert record.detail_no is not None
+                ledger.confirmed(record.detail_no)
+            async with asyncio.timeout(20):
+                await ledger.wait_idle()
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -146,7 +152,7 @@ async def test_a_refused_batch_is_halved_until_the_upstream_takes_it(metrics: Me
     assert sim.ack_counts == dict.fromkeys(ids, 1)
     assert sample(metrics, "bridge_ack_batch_size") == 25
     assert app.id_counts[:3] == [100, 50, 25]
-    assert acks.outstanding == 0
+    assert acks._ledger.outstanding == 0
 
 
 async def test_a_failed_call_is_retried_whole(metrics: Metrics) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from bridge.acknowledger import Acknowledger
 from bridge.errors import FatalUpstreamError, RefusedParametersError, UpstreamError
+from bridge.ledger import Ledger
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.upstream import ACKNOWLEDGE_ACTION
@@ -18,7 +21,8 @@ def refusal(kind: type[UpstreamError], status: int, code: str | None) -> Upstrea
 
 def acknowledger(metrics: Metrics, batch_size: int = 500) -> Acknowledger:
     settings = Settings(access_key_id="id", access_key_secret="secret", ack_batch_size=batch_size)
-    return Acknowledger(None, settings, metrics)  # type: ignore[arg-type]  # no call is made here
+    ledger = Ledger(metrics, ack_memory=settings.ack_memory, batch_size=batch_size)
+    return Acknowledger(None, settings, metrics, ledger)  # type: ignore[arg-type]  # no call is made here
 
 
 @pytest.mark.parametrize(
@@ -55,3 +59,24 @@ def test_other_refusals_are_not_read_as_size(kind: type[UpstreamError], status: 
     acks = acknowledger(metrics)
     assert not acks._shrink_after_refusal(refusal(kind, status, code), size)
     assert sample(metrics, "bridge_ack_batch_size") == 500
+
+
+@pytest.mark.parametrize("confirmed", [None, -1, "3", 2.5, True])
+def test_an_unusable_result_is_logged_and_counted_never_raised(
+    confirmed: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    acks = acknowledger(metrics)
+    acks._count(3, SimpleNamespace(sent=3, confirmed=confirmed, request_id="req-1"))
+    assert sample(metrics, "bridge_ack_results_unusable_total") == 1
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="confirmed") == 0
+    (line,) = caplog.records
+    assert line.levelname == "WARNING" and line.__dict__["request_id"] == "req-1"
+
+
+def test_a_partial_result_is_counted_as_not_confirmed() -> None:
+    metrics = Metrics()
+    acknowledger(metrics)._count(5, SimpleNamespace(sent=5, confirmed=2, request_id=None))
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="confirmed") == 2
+    assert sample(metrics, "bridge_acknowledgements_total", outcome="not_confirmed") == 3
+    assert sample(metrics, "bridge_ack_results_unusable_total") == 0

@@ -17,9 +17,8 @@ import httpx
 import pytest
 
 from bridge.app import App
-from bridge.errors import FatalUpstreamError
+from bridge.errors import DeadlineExceeded, FatalUpstreamError
 from bridge.events import EVENT_TYPE, routing_key
-from bridge.loop import DeadlineExceeded
 from bridge.metrics import Metrics
 from bridge.simulator import Faults, Simulator, running
 from bridge.upstream import ACKNOWLEDGE_ACTION, POLL_ACTION
