@@ -39,7 +39,13 @@ from typing import Any, TypeVar
 from bridge import paging
 from bridge.acknowledger import Acknowledger
 from bridge.backoff import Backoff, jittered
-from bridge.errors import BridgeError, BrokerUnavailableError, RetryableUpstreamError, ThrottledError
+from bridge.errors import (
+    BridgeError,
+    BrokerRefusedError,
+    BrokerUnavailableError,
+    RetryableUpstreamError,
+    ThrottledError,
+)
 from bridge.events import Event, InvalidRecord, convert
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, PublishOutcome
@@ -112,6 +118,7 @@ class BridgeLoop:
         self._broker_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._upstream_down_since: float | None = None
         self._broker_down_since: float | None = None
+        self._broker_ever_connected = False  # a refusal before the first connection is a configuration error
         self.last_poll_ok: float | None = None  # monotonic time of the last successful poll
         self._page_one_at = float("-inf")  # monotonic time of the last poll of page 1
         self._page_one_blocked = False  # the last page 1 was full of records without a usable TaskDetailNo
@@ -123,8 +130,13 @@ class BridgeLoop:
 
     def not_ready_reason(self) -> str | None:
         """None while the bridge can deliver; otherwise the failing check, one line for ``/readyz``'s body."""
-        if not self._publisher.connected:
+        publisher = self._publisher
+        if not publisher.connected:
             return "broker: not connected"
+        if publisher.blocked_reason is not None:
+            return f"broker: blocked publishing ({publisher.blocked_reason})"
+        if (refused := publisher.refused_reason) is not None:
+            return f"broker: publishes {refused}"
         last = self.last_poll_ok
         if last is None:
             return "upstream: no successful poll yet"
@@ -340,6 +352,9 @@ class BridgeLoop:
         if outcome is PublishOutcome.ACK:
             self.acknowledger.add(detail_no)
             self._publish_acks += 1
+            # Only failures since the latest confirm call for a pause: once the broker confirms again, what
+            # it refused before (answers that came in during the last pause included) is history.
+            self._publish_failures = 0
             if invalid:
                 self.progress.invalid += 1
                 self._metrics.invalid_records.labels("validation").inc()
@@ -387,21 +402,38 @@ class BridgeLoop:
         delay = self._broker_backoff.next_delay()
         log.warning(
             "publishes were not confirmed; they will be published again",
-            extra={"failed": failures, "retry_in_s": round(delay, 3)},
+            extra={"failed": failures, "retry_in_s": round(delay, 3), "reason": self._publisher.last_refusal},
         )
         await self._sleep(stop, delay)
 
     async def _reconnect(self, stop: asyncio.Event, once: bool) -> None:
+        """Open the broker connection, with backoff.
+
+        A refusal (login, vhost, permission) before the first connection is a configuration error and stops
+        the process; after it, refusals are retried like an outage, since permissions can come back.
+        """
         self._broker_down_since = self._broker_down_since or time.monotonic()
         try:
             await self._publisher.connect()
-        except BrokerUnavailableError as exc:
-            self._check_deadline(once, self._broker_down_since, str(exc))
-            delay = self._broker_backoff.next_delay()
-            log.warning("broker unavailable; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 3)})
-            await self._sleep(stop, delay)
+        except BrokerRefusedError as exc:
+            if not self._broker_ever_connected:
+                raise
+            await self._broker_retry(stop, once, exc, "broker refused the bridge; retrying")
             return
-        self._broker_backoff.reset()
+        except BrokerUnavailableError as exc:
+            await self._broker_retry(stop, once, exc, "broker unavailable; retrying")
+            return
+        self._broker_ever_connected = True
+        if self._publisher.last_refusal is None:
+            # Not after a refusal: connecting is no proof the broker takes publishes again.
+            self._broker_backoff.reset()
+
+    async def _broker_retry(self, stop: asyncio.Event, once: bool, exc: BridgeError, message: str) -> None:
+        self._check_deadline(once, self._broker_down_since or time.monotonic(), str(exc))
+        delay = self._broker_backoff.next_delay()
+        # The reason in the message itself: it is what an operator reads, on every retry.
+        log.warning(f"{message}: {exc}", extra={"error": str(exc), "retry_in_s": round(delay, 3)})
+        await self._sleep(stop, delay)
 
     def _check_deadline(self, once: bool, since: float, reason: str) -> None:
         if once and time.monotonic() - since > self._settings.once_deadline_s:

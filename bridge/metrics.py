@@ -93,6 +93,11 @@ class Metrics:
         self.broker_connected = Gauge(
             "bridge_broker_connected", "1 while the broker connection is open, else 0.", registry=r
         )
+        self.broker_blocked = Gauge(
+            "bridge_broker_blocked",
+            "1 while the broker blocks publishing on the connection (a memory or disk alarm), else 0.",
+            registry=r,
+        )
         for outcome in PUBLISH_OUTCOMES:
             self.events_published.labels(outcome)
         for outcome in ACK_OUTCOMES:
