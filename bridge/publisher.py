@@ -161,10 +161,13 @@ class Publisher:
                 f"topology of {self._settings.exchange!r} differs from what the broker has: {self._describe(exc)}"
             )
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return BrokerUnavailableError(
+            # Not transient: fatal at start like a refused login, retried during a run (a certificate rotation).
+            return BrokerRefusedError(
                 f"TLS: cannot verify the certificate of {self._host()} ({exc.verify_message}); "
                 "set BRIDGE_AMQP_CA_FILE to the CA that signed it"
             )
+        if isinstance(exc.__cause__, ssl.SSLError):
+            exc = exc.__cause__  # aiormq wraps an error of the TLS session read after the handshake (an alert)
         if isinstance(exc, ssl.SSLError):
             return BrokerUnavailableError(
                 f"TLS: handshake with {self._host()} failed ({exc.reason or exc}); check BRIDGE_AMQP_CA_FILE, "

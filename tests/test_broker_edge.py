@@ -25,7 +25,7 @@ from bridge.settings import Settings
 from bridge.simulator import Simulator
 from tests.faults_support import ScenarioQueues, TcpProxy, draining, scenario_queues
 from tests.harness import BRIDGE_COMMAND, bridge_env, bridge_settings, eventually, running_bridge, sample
-from tests.private_broker import PrivateNode, private_node
+from tests.private_broker import PrivateNode, free_port, private_node
 
 pytestmark = pytest.mark.broker
 
@@ -299,3 +299,103 @@ def test_tls_settings_with_a_plain_url_are_a_settings_error(tmp_path: Path) -> N
     process = subprocess.run([*BRIDGE_COMMAND, "run"], env=env, capture_output=True, text=True, timeout=60)
     assert process.returncode == EXIT_USAGE
     assert "BRIDGE_AMQP_CA_FILE" in process.stderr and "amqps://" in process.stderr
+
+
+# --- TLS -----------------------------------------------------------------------------------------------------
+
+
+class TlsNode:
+    """A private node with a TLS listener that requires a client certificate, and the files a client needs."""
+
+    def __init__(self, node: PrivateNode, ssl_port: int, files: dict[str, Path]) -> None:
+        self.node = node
+        self.ssl_port = ssl_port
+        self.files = files
+
+    def url(self, query: str = "") -> str:
+        return f"amqps://guest:guest@127.0.0.1:{self.ssl_port}/{query}"
+
+
+@pytest.fixture(scope="module")
+def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNode]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("task-bridge")
+    node = PrivateNode()
+    ssl_port = free_port()
+    ca_file = node.write_file("ca.pem", ca.cert_pem.bytes().decode())
+    cert_file = node.write_file("server.pem", server.cert_chain_pems[0].bytes().decode())
+    key_file = node.write_file("server.key", server.private_key_pem.bytes().decode())
+    node.config = [
+        f"listeners.ssl.1 = 127.0.0.1:{ssl_port}",
+        f"ssl_options.cacertfile = {ca_file}",
+        f"ssl_options.certfile = {cert_file}",
+        f"ssl_options.keyfile = {key_file}",
+        "ssl_options.verify = verify_peer",
+        "ssl_options.fail_if_no_peer_cert = true",
+    ]
+    own = tmp_path_factory.mktemp("tls")
+    files = {
+        "ca": own / "ca.pem",
+        "cert": own / "client.pem",
+        "key": own / "client.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    client.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    client.private_key_pem.write_to_path(str(files["key"]))
+    try:
+        node.start()
+        yield TlsNode(node, ssl_port, files)
+    finally:
+        node.stop()
+
+
+async def test_tls_with_ca_and_client_certificate_delivers(tls_node: TlsNode) -> None:
+    details = 500
+    sim = Simulator(tasks=details, seed=305)
+    exchange = f"test.{uuid.uuid4().hex[:12]}"
+    settings = settings_for(
+        exchange,
+        tls_node.url(),
+        amqp_ca_file=tls_node.files["ca"],
+        amqp_cert_file=tls_node.files["cert"],
+        amqp_key_file=tls_node.files["key"],
+    )
+    async with scenario_queues(tls_node.node.url, exchange) as queues:
+        async with draining(settings, sim, Metrics()) as drain:
+            complete = await drain.finished()
+        result = await queues.tally(sim, details)
+    assert complete
+    assert sim.pending_count == 0 and result.lost == 0 and result.duplicates == 0
+
+
+def test_tls_without_the_ca_stops_with_one_line_naming_tls_the_host_and_the_setting(tls_node: TlsNode) -> None:
+    settings = settings_for(
+        "test.tls",
+        tls_node.url(),
+        upstream_endpoint="http://127.0.0.1:9",
+        amqp_cert_file=tls_node.files["cert"],
+        amqp_key_file=tls_node.files["key"],
+    )
+    env = bridge_env(settings)
+    env["BRIDGE_AMQP_CERT_FILE"] = str(tls_node.files["cert"])
+    env["BRIDGE_AMQP_KEY_FILE"] = str(tls_node.files["key"])
+    process = subprocess.run([*BRIDGE_COMMAND, "run"], env=env, capture_output=True, text=True, timeout=60)
+    output = process.stdout + process.stderr
+    assert process.returncode == EXIT_FAILURE, output
+    lines = [line for line in output.splitlines() if "TLS" in line]
+    assert len(lines) == 1, output
+    assert "127.0.0.1" in lines[0] and "BRIDGE_AMQP_CA_FILE" in lines[0]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("query", ["?no_verify_ssl=1", "?cafile=/etc/ssl/ca.pem", "?heartbeat=0"])
+def test_url_options_that_bypass_the_tls_settings_are_refused_at_start(tls_node: TlsNode, query: str) -> None:
+    env = bridge_env(settings_for("test.tls", "amqp://127.0.0.1/", upstream_endpoint="http://127.0.0.1:9"))
+    env["BRIDGE_AMQP_URL"] = tls_node.url(query)
+    env["BRIDGE_AMQP_CA_FILE"] = str(tls_node.files["ca"])
+    process = subprocess.run([*BRIDGE_COMMAND, "run"], env=env, capture_output=True, text=True, timeout=60)
+    assert process.returncode == EXIT_USAGE, process.stderr
+    assert "BRIDGE_AMQP_URL" in process.stderr
+    assert "BRIDGE_AMQP_" in process.stderr.partition("BRIDGE_AMQP_URL")[2], "names the setting to use instead"
