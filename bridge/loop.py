@@ -352,9 +352,6 @@ class BridgeLoop:
         if outcome is PublishOutcome.ACK:
             self.acknowledger.add(detail_no)
             self._publish_acks += 1
-            # Only failures since the latest confirm call for a pause: once the broker confirms again, what
-            # it refused before (answers that came in during the last pause included) is history.
-            self._publish_failures = 0
             if invalid:
                 self.progress.invalid += 1
                 self._metrics.invalid_records.labels("validation").inc()
@@ -390,6 +387,12 @@ class BridgeLoop:
         )
 
     async def _pause_after_publish_failures(self, stop: asyncio.Event, once: bool) -> None:
+        """Back off after publishes the broker did not confirm, until the broker confirms a whole round again.
+
+        The loop polls again while a round is in flight, so the failures counted here are often those of the
+        round before: the pause ends early, and the backoff is reset, as soon as every publish that was in
+        flight when it began is confirmed (the first fully confirmed round), not one full backoff later.
+        """
         failures, self._publish_failures = self._publish_failures, 0
         acks, self._publish_acks = self._publish_acks, 0
         if not failures:
@@ -404,7 +407,23 @@ class BridgeLoop:
             "publishes were not confirmed; they will be published again",
             extra={"failed": failures, "retry_in_s": round(delay, 3), "reason": self._publisher.last_refusal},
         )
-        await self._sleep(stop, delay)
+        round_confirmed = self._round_confirmed
+        self._wake_when = round_confirmed
+        self._progress_event.clear()
+        try:
+            if self._in_flight:
+                await self._until_stopped(stop, self._progress_event.wait(), delay)
+            else:
+                await self._sleep(stop, delay)
+        finally:
+            self._wake_when = None
+        if round_confirmed():
+            self._broker_backoff.reset()
+            self._broker_down_since = None
+
+    def _round_confirmed(self) -> bool:
+        """Every publish since the pause began was confirmed, and none is in flight."""
+        return self._publish_acks > 0 and not self._publish_failures and not self._in_flight
 
     async def _reconnect(self, stop: asyncio.Event, once: bool) -> None:
         """Open the broker connection, with backoff.

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,11 +21,14 @@ import pytest
 
 from bridge.amqp import dead_link_detection_s
 from bridge.cli import EXIT_FAILURE, EXIT_USAGE
+from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
+from bridge.publisher import PublishOutcome
 from bridge.settings import Settings
 from bridge.simulator import Simulator
+from bridge.upstream import UpstreamClient
 from tests.faults_support import ScenarioQueues, TcpProxy, draining, scenario_queues
-from tests.harness import BRIDGE_COMMAND, bridge_env, bridge_settings, eventually, running_bridge, sample
+from tests.harness import BRIDGE_COMMAND, asgi_client, bridge_env, bridge_settings, eventually, running_bridge, sample
 from tests.private_broker import PrivateNode, free_port, private_node
 
 pytestmark = pytest.mark.broker
@@ -399,3 +403,84 @@ def test_url_options_that_bypass_the_tls_settings_are_refused_at_start(tls_node:
     assert process.returncode == EXIT_USAGE, process.stderr
     assert "BRIDGE_AMQP_URL" in process.stderr
     assert "BRIDGE_AMQP_" in process.stderr.partition("BRIDGE_AMQP_URL")[2], "names the setting to use instead"
+
+
+# --- publishes refused ---------------------------------------------------------------------------------------
+
+
+class NackingPublisher:
+    """A publisher that nacks the first ``refuse`` publishes and confirms the rest (a broker that recovered)."""
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.published = 0
+        self.connected = True
+        self.blocked_reason: str | None = None
+        self.refused_reason: str | None = None
+
+    @property
+    def last_refusal(self) -> str | None:
+        return "nacked" if self.published <= self.refuse else None
+
+    async def connect(self) -> None:
+        self.connected = True
+
+    async def close(self) -> None:
+        self.connected = False
+
+    async def publish(self, item: Any, *, invalid: bool = False) -> PublishOutcome:
+        self.published += 1
+        refused = self.published <= self.refuse
+        await asyncio.sleep(0.02)
+        return PublishOutcome.NACK if refused else PublishOutcome.ACK
+
+
+async def test_first_fully_confirmed_round_after_nacks_ends_the_backoff() -> None:
+    # Backoff delays of 5-10 s: one backoff more than needed shows in the run's duration.
+    page = 100
+    sim = Simulator(tasks=3 * page, seed=306)
+    settings = bridge_settings(
+        "test.backoff",
+        "amqp://127.0.0.1/",
+        page_size=page,
+        read_ahead=False,
+        backoff_initial_s=10.0,
+        backoff_max_s=10.0,
+    )
+    metrics = Metrics()
+    publisher = NackingPublisher(refuse=page)  # the first round is refused, every later one confirmed
+    started = time.monotonic()
+    async with asgi_client(sim) as http:
+        loop = BridgeLoop(settings, UpstreamClient(http, settings, metrics=metrics), publisher, metrics)  # type: ignore[arg-type]
+        complete = await asyncio.wait_for(loop.run(asyncio.Event(), once=True), 60)
+    elapsed = time.monotonic() - started
+    assert complete and sim.pending_count == 0
+    assert publisher.published == 4 * page
+    # The pause that the refused round causes ends when the next round is confirmed, well before 5 s.
+    assert elapsed < 4.0, f"took {elapsed:.1f}s: a fully confirmed round did not end the backoff"
+
+
+async def test_readyz_is_503_while_the_broker_refuses_every_publish(broker_url: str, exchange_name: str) -> None:
+    details, room = 1000, 100
+    sim = Simulator(tasks=details, seed=307)
+    metrics = Metrics()
+    refusing = {"x-max-length": room, "x-overflow": "reject-publish"}
+    async with scenario_queues(broker_url, exchange_name, arguments=refusing) as queues:
+        settings = settings_for(exchange_name, broker_url, ready_max_refused_s=1.0)
+        async with draining(settings, sim, metrics) as drain:
+            await eventually(lambda: publishes(metrics, "nack") >= 100, what="the full queue refuses publishes")
+            loop = drain.app.loop
+            assert loop is not None
+            await eventually(lambda: loop.not_ready_reason() is not None, what="not ready while refused")
+            answer = await readyz(drain.app.metrics_port)
+            acks_before = publishes(metrics, "ack")
+            async with queues.consuming(queues.events) as consumed:
+                await eventually(lambda: publishes(metrics, "ack") > acks_before, what="publishes confirmed again")
+                reason_after = loop.not_ready_reason() or ""
+                complete = await drain.finished()
+                await eventually(lambda: len(consumed) >= details, what="the consumer got every event")
+    assert answer.status_code == 503
+    assert answer.text.startswith("not ready: broker: publishes refused for ")
+    assert "nacked" in answer.text
+    assert complete
+    assert not reason_after.startswith("broker: publishes refused"), "ready again once a publish is confirmed"
