@@ -73,6 +73,7 @@ class Publisher:
         self._window = asyncio.Semaphore(settings.max_in_flight)
         self._in_flight = 0
         self._connection: BrokerConnection | None = None
+        self._current: BrokerConnection | None = None  # the connection being opened, or open
         self._channel: AbstractChannel | None = None
         self._amqp: aiormq.Channel | None = None
         self._connected = False
@@ -122,12 +123,13 @@ class Publisher:
         (the topology differs from the broker's).
         """
         await self.close()
-        connection = BrokerConnection(
+        # The hooks act only for the connection being opened now: a frame from one closed before is stale.
+        connection = self._current = BrokerConnection(
             self._settings.amqp_url.get_secret_value(),
             heartbeat_s=self._settings.amqp_heartbeat_s,
             ssl_context=self._ssl_context,
-            on_blocked=self._on_blocked,
-            on_unblocked=self._on_unblocked,
+            on_blocked=lambda reason: self._on_blocked(connection, reason),
+            on_unblocked=lambda: self._on_unblocked(connection),
         )
         try:
             await connection.connect(timeout=self._settings.publish_timeout_s)
@@ -180,8 +182,8 @@ class Publisher:
     def _host(self) -> str:
         return self._settings.amqp_url_masked.rpartition("@")[2].partition("/")[0]
 
-    def _on_blocked(self, reason: str) -> None:
-        if self.blocked_reason == reason:
+    def _on_blocked(self, connection: BrokerConnection, reason: str) -> None:
+        if connection is not self._current or self.blocked_reason == reason:
             return
         if self.blocked_reason is None:
             self._blocked_at = time.monotonic()
@@ -196,8 +198,8 @@ class Publisher:
             extra={"reason": reason},
         )
 
-    def _on_unblocked(self) -> None:
-        if self.blocked_reason is None:
+    def _on_unblocked(self, connection: BrokerConnection) -> None:
+        if connection is not self._current or self.blocked_reason is None:
             return
         blocked_s = time.monotonic() - self._blocked_at
         self._release_block()
@@ -213,7 +215,9 @@ class Publisher:
         self._metrics.broker_blocked.set(0)
         self._unblocked.set()
 
-    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+    def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is not self._connection and sender is not self._channel:
+            return  # one this publisher closed itself, or gave up before: nothing to report
         refusal = _refusal_text(exc) if exc is not None else None
         if refusal is not None:
             self._refused(refusal)
@@ -231,6 +235,7 @@ class Publisher:
 
     async def close(self) -> None:
         connection, self._connection, self._channel, self._amqp = self._connection, None, None, None
+        self._current = None
         self._connected = False
         self._metrics.broker_connected.set(0)
         self._release_block()
