@@ -31,7 +31,9 @@ from aiormq.connection import TransportFactory
 from pamqp import commands as spec
 from yarl import URL
 
-__all__ = ["BrokerConnection", "HandshakeRefused", "dead_link_detection_s"]
+from bridge.settings import Settings
+
+__all__ = ["BrokerConnection", "HandshakeRefused", "connect", "dead_link_detection_s"]
 
 
 def dead_link_detection_s(heartbeat_s: int) -> float:
@@ -165,3 +167,33 @@ class BrokerConnection(aio_pika.Connection):
     def abort(self) -> None:
         """Reset the socket now, without the closing handshake (for a peer that no longer reads)."""
         self._transports.abort()
+
+
+def _ignore(*_args: object) -> None:
+    return None
+
+
+async def connect(
+    settings: Settings,
+    *,
+    on_blocked: Callable[[str], None] = _ignore,
+    on_unblocked: Callable[[], None] = _ignore,
+) -> BrokerConnection:
+    """A connection to ``BRIDGE_AMQP_URL`` with the bridge's heartbeat and TLS settings (every command uses it).
+
+    Raises what aiormq raises (``AMQPError``, ``OSError``, ``TimeoutError``), :class:`HandshakeRefused` for a
+    refused login or vhost, and ``ssl.SSLError`` for a failed TLS handshake.
+    """
+    connection = BrokerConnection(
+        settings.amqp_url.get_secret_value(),
+        heartbeat_s=settings.amqp_heartbeat_s,
+        ssl_context=settings.amqp_ssl_context() if settings.amqp_tls else None,
+        on_blocked=on_blocked,
+        on_unblocked=on_unblocked,
+    )
+    try:
+        await connection.connect(timeout=settings.publish_timeout_s)
+    except BaseException:
+        connection.abort()
+        raise
+    return connection

@@ -26,6 +26,7 @@ import aiormq
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from bridge import amqp
 from bridge.errors import UpstreamError
 from bridge.settings import Settings
 from bridge.topology import describe
@@ -123,7 +124,7 @@ async def _check_upstream(settings: Settings, http: httpx.AsyncClient) -> CheckR
 async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list[CheckResult]:
     where = settings.amqp_url_masked
     try:
-        connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
+        connection = await amqp.connect(settings)  # TLS and heartbeat settings as the bridge uses them
     except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
         return [
             CheckResult("broker", Status.FAIL, f"cannot connect to {where}: {_describe(exc, scrub)}"),

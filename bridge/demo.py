@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+from bridge import amqp
 from bridge.app import App
 from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.loop import Progress
@@ -97,9 +97,7 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
     async with running(sim, "127.0.0.1", 0) as url:
         settings = settings.model_copy(update={"upstream_endpoint": url})
         try:
-            connection = await aio_pika.connect(
-                settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s
-            )
+            connection = await amqp.connect(settings)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerUnavailableError(
                 f"cannot connect to {settings.amqp_url_masked} ({type(exc).__name__}): start RabbitMQ "

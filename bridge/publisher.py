@@ -23,6 +23,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
+from bridge import amqp as broker_link
 from bridge.amqp import BrokerConnection, HandshakeRefused
 from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
 from bridge.metrics import Metrics
@@ -73,7 +74,7 @@ class Publisher:
         self._window = asyncio.Semaphore(settings.max_in_flight)
         self._in_flight = 0
         self._connection: BrokerConnection | None = None
-        self._current: BrokerConnection | None = None  # the connection being opened, or open
+        self._generation: object | None = None  # the connection being opened, or open (see connect)
         self._channel: AbstractChannel | None = None
         self._amqp: aiormq.Channel | None = None
         self._connected = False
@@ -86,7 +87,6 @@ class Publisher:
         self._timers: set[asyncio.Timeout] = set()
         self._refused_since: float | None = None  # first refusal since the last Basic.Ack
         self._refusal = ""
-        self._ssl_context = settings.amqp_ssl_context() if settings.amqp_tls else None
         # Resolved once: a labels() lookup per publish is measurable at thousands of events per second.
         self._published = {outcome: metrics.events_published.labels(outcome.value) for outcome in PublishOutcome}
         metrics.in_flight.set_function(lambda: self._in_flight)
@@ -123,16 +123,17 @@ class Publisher:
         (the topology differs from the broker's).
         """
         await self.close()
-        # The hooks act only for the connection being opened now: a frame from one closed before is stale.
-        connection = self._current = BrokerConnection(
-            self._settings.amqp_url.get_secret_value(),
-            heartbeat_s=self._settings.amqp_heartbeat_s,
-            ssl_context=self._ssl_context,
-            on_blocked=lambda reason: self._on_blocked(connection, reason),
-            on_unblocked=lambda: self._on_unblocked(connection),
-        )
+        # The hooks act only for the connection opened now: a frame from one closed before is stale.
+        generation = self._generation = object()
         try:
-            await connection.connect(timeout=self._settings.publish_timeout_s)
+            connection = await broker_link.connect(
+                self._settings,
+                on_blocked=lambda reason: self._on_blocked(generation, reason),
+                on_unblocked=lambda: self._on_unblocked(generation),
+            )
+        except Exception as exc:
+            raise self._connect_error(exc) from None
+        try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
             await declare(channel, self._settings.exchange)
             # Publishing goes through aio-pika's own protocol channel: the same frames, without building an
@@ -182,8 +183,8 @@ class Publisher:
     def _host(self) -> str:
         return self._settings.amqp_url_masked.rpartition("@")[2].partition("/")[0]
 
-    def _on_blocked(self, connection: BrokerConnection, reason: str) -> None:
-        if connection is not self._current or self.blocked_reason == reason:
+    def _on_blocked(self, generation: object, reason: str) -> None:
+        if generation is not self._generation or self.blocked_reason == reason:
             return
         if self.blocked_reason is None:
             self._blocked_at = time.monotonic()
@@ -198,8 +199,8 @@ class Publisher:
             extra={"reason": reason},
         )
 
-    def _on_unblocked(self, connection: BrokerConnection) -> None:
-        if connection is not self._current or self.blocked_reason is None:
+    def _on_unblocked(self, generation: object) -> None:
+        if generation is not self._generation or self.blocked_reason is None:
             return
         blocked_s = time.monotonic() - self._blocked_at
         self._release_block()
@@ -235,7 +236,7 @@ class Publisher:
 
     async def close(self) -> None:
         connection, self._connection, self._channel, self._amqp = self._connection, None, None, None
-        self._current = None
+        self._generation = None
         self._connected = False
         self._metrics.broker_connected.set(0)
         self._release_block()

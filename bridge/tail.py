@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from bridge import amqp
 from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.events import VALIDATION_ERROR_HEADER
 from bridge.settings import Settings
@@ -127,7 +128,7 @@ async def tail(
     """
     exchange = settings.invalid_exchange if invalid else settings.exchange
     try:
-        connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
+        connection = await amqp.connect(settings)  # TLS and heartbeat settings as the bridge uses them
     except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
         raise BrokerUnavailableError(f"cannot connect to {settings.amqp_url_masked}: {type(exc).__name__}") from None
     lost = asyncio.Event()
