@@ -14,7 +14,8 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     │       └── RefusedParametersError  InvalidParameter*, HTTP 413/414: the request's parameters or size
     ├── BrokerError                   the RabbitMQ connection or topology failed
     │   ├── BrokerUnavailableError    cannot connect / connection lost: reconnect with backoff
-    │   └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...)
+    │   └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...),
+    │                                 or the broker's TLS certificate not trusted
     ├── DeadlineExceeded              run --once: the upstream or the broker stayed unavailable past the deadline
     └── InternalError                 a bug: an unexpected exception inside a run, wrapped (its cause attached)
 
@@ -135,6 +136,8 @@ class BrokerUnavailableError(BrokerError):
 
 class BrokerRefusedError(BrokerError):
     """The broker refused the login, the virtual host or a permission; the message carries the broker's reason.
+
+    Also raised when the broker's TLS certificate cannot be verified: a configuration problem just the same.
 
     Fatal at start (the configuration is wrong); retried during a run, since permissions can come back.
     """

@@ -90,8 +90,13 @@ class BridgeLoop:
 
     def not_ready_reason(self) -> str | None:
         """None while the bridge can deliver; otherwise the failing check, one line for ``/readyz``'s body."""
-        if not self._publisher.connected:
+        publisher = self._publisher
+        if not publisher.connected:
             return "broker: not connected"
+        if publisher.blocked_reason is not None:
+            return f"broker: blocked publishing ({publisher.blocked_reason})"
+        if (refused := publisher.refused_reason) is not None:
+            return f"broker: publishes {refused}"
         last = self.last_poll_ok
         if last is None:
             return "upstream: no successful poll yet"
@@ -316,6 +321,12 @@ class BridgeLoop:
         return withdrawn
 
     async def _pause_after_publish_failures(self, stop: asyncio.Event, once: bool) -> None:
+        """Back off after publishes the broker did not confirm; the first fully confirmed round ends it.
+
+        The loop polls again while a round is in flight, so the failures counted here are often those of the
+        round before: when a later poll's publishes were all confirmed (already, or during the pause), the
+        backoff is reset and the pause ends.
+        """
         failures, self._publish_failures = self._publish_failures, 0
         acks, self._publish_acks = self._publish_acks, 0
         if failures and self._clean_round > self._failed_round:
@@ -332,12 +343,26 @@ class BridgeLoop:
         delay = self._broker_backoff.next_delay()
         log.warning(
             "publishes were not confirmed; they will be published again",
-            extra={"failed": failures, "retry_in_s": round(delay, 3)},
+            extra={"failed": failures, "retry_in_s": round(delay, 3), "reason": self._publisher.last_refusal},
         )
-        await self._sleep(stop, delay)
+        failed, ledger = self._failed_round, self.ledger
+        if ledger.in_flight:
+            # A later round is on its way: its answer, not the clock, says whether the broker takes publishes.
+            started = time.monotonic()
+            await self._until_stopped(stop, ledger.wait_until(lambda: ledger.in_flight == 0, delay))
+            if self._clean_round > failed and not self._publish_failures:
+                self._broker_backoff.reset()
+                self._broker_down_since = None
+                return
+            delay -= time.monotonic() - started
+        await self._sleep(stop, max(0.0, delay))
 
     async def _reconnect(self, stop: asyncio.Event, once: bool) -> None:
-        """Open the broker connection; a refusal before the first success is fatal, any other failure retried."""
+        """Open the broker connection, with backoff.
+
+        A refusal (login, vhost, permission) before the first connection is a configuration error and stops
+        the process; after it, refusals are retried like an outage, since permissions can come back.
+        """
         self._broker_down_since = self._broker_down_since or time.monotonic()
         try:
             await self._publisher.connect()
@@ -350,12 +375,15 @@ class BridgeLoop:
             await self._broker_retry(stop, once, exc, "broker unavailable; retrying")
             return
         self._ever_connected = True
-        self._broker_backoff.reset()
+        if self._publisher.last_refusal is None:
+            # Not after a refusal: connecting is no proof the broker takes publishes again.
+            self._broker_backoff.reset()
 
     async def _broker_retry(self, stop: asyncio.Event, once: bool, exc: BridgeError, message: str) -> None:
         self._check_deadline(once, self._broker_down_since or time.monotonic(), str(exc))
         delay = self._broker_backoff.next_delay()
-        log.warning(message, extra={"error": str(exc), "retry_in_s": round(delay, 3)})
+        # The reason in the message itself: it is what an operator reads, on every retry.
+        log.warning(f"{message}: {exc}", extra={"error": str(exc), "retry_in_s": round(delay, 3)})
         await self._sleep(stop, delay)
 
     def _check_deadline(self, once: bool, since: float, reason: str) -> None:

@@ -129,6 +129,11 @@ class Metrics:
         )
         for reason in OPERATOR_DROP_REASONS:
             self.operator_connections_dropped.labels(reason)
+        self.broker_blocked = Gauge(
+            "bridge_broker_blocked",
+            "1 while the broker blocks publishing on the connection (a memory or disk alarm), else 0.",
+            registry=r,
+        )
         for outcome in PUBLISH_OUTCOMES:
             self.events_published.labels(outcome)
         for outcome in ACK_OUTCOMES:

@@ -10,18 +10,25 @@ operator commands (``tail``, ``demo``, ``check``). Messages never carry the AMQP
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import unquote, urlsplit
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from bridge import amqp
 from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
 from bridge.settings import Settings
 
 __all__ = ["CONNECT_ERRORS", "connect", "explain", "user_and_vhost"]
 
-CONNECT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, OSError, aiormq.exceptions.AMQPError)
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    ConnectionError,
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
 """What ``aio_pika.connect`` and channel operations raise for a broker-side problem."""
 
 _MAX_REPLY_CHARS = 300
@@ -55,6 +62,21 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     where = settings.amqp_url_masked
     user, vhost = user_and_vhost(settings)
     errors = aiormq.exceptions
+    if isinstance(exc, amqp.HandshakeRefused):
+        # The broker's own reason, read from its Connection.Close during the handshake.
+        if exc.reply_code == 530:  # NOT_ALLOWED: the vhost does not exist or the user may not use it
+            return BrokerRefusedError(
+                f"the broker at {where} refused virtual host {vhost!r} to user {user!r} ({exc.reply_text}): "
+                f"check the path of BRIDGE_AMQP_URL (rabbitmqctl list_vhosts; rabbitmqctl list_user_permissions "
+                f"{user})"
+            )
+        return BrokerRefusedError(
+            f"the broker at {where} refused the login of user {user!r} ({exc.reply_text}): "
+            "check the user name and password in BRIDGE_AMQP_URL"
+        )
+    tls = _tls_problem(exc, settings)
+    if tls is not None:
+        return tls
     if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
         return BrokerRefusedError(
             f"the broker at {where} refused the login of user {user!r} ({_reply(exc)}): "
@@ -70,6 +92,11 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
         return BrokerRefusedError(
             f"user {user!r} lacks a permission on virtual host {vhost!r} ({_reply(exc)}): grant it "
             f"(rabbitmqctl set_permissions -p {vhost} {user} ...) or use another user in BRIDGE_AMQP_URL"
+        )
+    if isinstance(exc, errors.ChannelPreconditionFailed):
+        return BrokerError(
+            f"exchange {settings.exchange!r} exists on the broker with other settings ({_reply(exc)}): "
+            "set BRIDGE_EXCHANGE to another name, or delete the old exchange"
         )
     if isinstance(exc, errors.ChannelClosed):
         return BrokerError(f"the broker refused it: {_reply(exc)}")
@@ -89,6 +116,25 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     )
 
 
+def _tls_problem(exc: BaseException, settings: Settings) -> BrokerError | None:
+    """A TLS failure as one line naming TLS, the host and the setting to use; None for anything else."""
+    host = settings.amqp_url_masked.rpartition("@")[2].partition("/")[0]
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # Not transient: fatal at start like a refused login, retried during a run (a certificate rotation).
+        return BrokerRefusedError(
+            f"TLS: cannot verify the certificate of {host} ({exc.verify_message}); "
+            "set BRIDGE_AMQP_CA_FILE to the CA that signed it"
+        )
+    if isinstance(exc.__cause__, ssl.SSLError):
+        exc = exc.__cause__  # aiormq wraps an error of the TLS session read after the handshake (an alert)
+    if isinstance(exc, ssl.SSLError):
+        return BrokerUnavailableError(
+            f"TLS: handshake with {host} failed ({exc.reason or exc}); check BRIDGE_AMQP_CA_FILE, "
+            "BRIDGE_AMQP_CERT_FILE and BRIDGE_AMQP_KEY_FILE"
+        )
+    return None
+
+
 def _refused_vhost(exc: BaseException) -> bool:
     """The broker closed the connection instead of opening the virtual host (530 NOT_ALLOWED)."""
     if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed):
@@ -101,8 +147,9 @@ def _refused_vhost(exc: BaseException) -> bool:
 
 
 async def connect(settings: Settings) -> AbstractConnection:
-    """Connect to ``BRIDGE_AMQP_URL``; every failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
+    """Connect to ``BRIDGE_AMQP_URL`` as the bridge does (:func:`bridge.amqp.connect`: TLS, heartbeat); every
+    failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
     try:
-        return await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=settings.publish_timeout_s)
+        return await amqp.connect(settings)
     except CONNECT_ERRORS as exc:
         raise explain(exc, settings) from None

@@ -9,6 +9,7 @@ line naming the variable and why, and never shows a secret's value.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from yarl import URL
 
 from bridge.errors import SettingsError
 
@@ -131,6 +133,13 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(
         default=10.0, gt=0, le=300, validation_alias=AliasChoices("BRIDGE_PUBLISH_TIMEOUT_SECONDS")
     )
+    # AMQP heartbeat: 6 s finds a dead, idle link within 24 s (see docs/broker.md, amqp_dead_link_detection_s).
+    amqp_heartbeat_s: int = Field(
+        default=6, ge=1, le=60, validation_alias=AliasChoices("BRIDGE_AMQP_HEARTBEAT_SECONDS")
+    )
+    amqp_ca_file: Path | None = None
+    amqp_cert_file: Path | None = None
+    amqp_key_file: Path | None = None
 
     # --- run loop ---
     poll_interval_s: float = Field(
@@ -152,6 +161,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     ready_max_poll_age_s: float = Field(
         default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_READY_MAX_POLL_AGE_SECONDS")
+    )
+    ready_max_refused_s: float = Field(
+        default=10.0, gt=0, validation_alias=AliasChoices("BRIDGE_READY_MAX_REFUSED_SECONDS")
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # None: text when stderr is a terminal, JSON otherwise (decided where the logs are configured).
@@ -180,6 +192,9 @@ class Settings(BaseSettings):
         "user_client_ip",
         "log_format",
         "upstream_ca_file",
+        "amqp_ca_file",
+        "amqp_cert_file",
+        "amqp_key_file",
         mode="before",
     )
     @classmethod
@@ -234,8 +249,25 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
+        # Every message here names the part that is wrong, never the URL itself: it carries the password.
+        text = value.get_secret_value()
+        if not text.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        if _BAD_ESCAPE.search(text):
+            raise ValueError("has a '%' not followed by two hex digits (write a literal '%' as %25)")
+        try:
+            url = URL(text)
+        except ValueError:
+            raise ValueError("does not parse as a URL (check the port and the brackets of an IPv6 host)") from None
+        if not url.host:
+            raise ValueError("names no host")
+        if url.explicit_port is not None and not 0 < url.explicit_port <= 65535:
+            raise ValueError("has a port outside 1-65535")
+        if url.raw_path.count("/") > 1:
+            raise ValueError("has a '/' inside the virtual host name: write it as %2F")
+        for option in url.query:
+            if option in _REFUSED_URL_OPTIONS:
+                raise ValueError(f"option {option!r} is not supported: {_REFUSED_URL_OPTIONS[option]}")
         return value
 
     @field_validator("exchange")
@@ -249,6 +281,18 @@ class Settings(BaseSettings):
     def _check_backoff(self) -> Settings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("BRIDGE_BACKOFF_MAX_SECONDS must not be below BRIDGE_BACKOFF_INITIAL_SECONDS")
+        return self
+
+    @model_validator(mode="after")
+    def _check_amqp_tls(self) -> Settings:
+        tls_files = [env_name(f) for f in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file") if getattr(self, f)]
+        if tls_files and not self.amqp_tls:
+            # aiormq would ignore them and connect in plain text.
+            raise ValueError(f"{', '.join(tls_files)} set, but BRIDGE_AMQP_URL is not an amqps:// URL")
+        if self.amqp_key_file and not self.amqp_cert_file:
+            raise ValueError("BRIDGE_AMQP_KEY_FILE is set without BRIDGE_AMQP_CERT_FILE")
+        if self.amqp_tls:
+            self.amqp_ssl_context()  # unreadable or malformed files stop the process at start
         return self
 
     # --- derived values ---
@@ -268,6 +312,29 @@ class Settings(BaseSettings):
     @property
     def invalid_exchange(self) -> str:
         return f"{self.exchange}.invalid"
+
+    @property
+    def amqp_tls(self) -> bool:
+        return self.amqp_url.get_secret_value().startswith("amqps://")
+
+    def amqp_ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for an ``amqps://`` broker: verification always on (the system CAs, or the CA file).
+
+        Raises ``ValueError`` naming the variable whose file cannot be read or used.
+        """
+        try:
+            context = ssl.create_default_context(cafile=self.amqp_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"BRIDGE_AMQP_CA_FILE: cannot use {str(self.amqp_ca_file)!r} ({_ssl_why(exc)})") from None
+        if self.amqp_cert_file is not None:
+            try:
+                context.load_cert_chain(self.amqp_cert_file, self.amqp_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                files = [str(f) for f in (self.amqp_cert_file, self.amqp_key_file) if f is not None]
+                raise ValueError(
+                    f"BRIDGE_AMQP_CERT_FILE/BRIDGE_AMQP_KEY_FILE: cannot use {', '.join(files)} ({_ssl_why(exc)})"
+                ) from None
+        return context
 
     @property
     def amqp_url_masked(self) -> str:
@@ -321,11 +388,34 @@ class Settings(BaseSettings):
             raise SettingsError([f"{var}: required (or set {var}_FILE)" for var in missing])
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# URL query options aiormq reads on its own, each of which would bypass or silently override a setting.
+_TLS_INSTEAD = "set BRIDGE_AMQP_CA_FILE, BRIDGE_AMQP_CERT_FILE and BRIDGE_AMQP_KEY_FILE instead"
+_REFUSED_URL_OPTIONS = {
+    "no_verify_ssl": "TLS verification cannot be turned off; trust the broker's CA with BRIDGE_AMQP_CA_FILE",
+    "cafile": _TLS_INSTEAD,
+    "capath": _TLS_INSTEAD,
+    "cadata": _TLS_INSTEAD,
+    "certfile": _TLS_INSTEAD,
+    "keyfile": _TLS_INSTEAD,
+    "ca_certs": _TLS_INSTEAD,
+    "cert_reqs": "TLS verification cannot be turned off; trust the broker's CA with BRIDGE_AMQP_CA_FILE",
+    "ssl_version": "the TLS version is negotiated",
+    "heartbeat": "set BRIDGE_AMQP_HEARTBEAT_SECONDS instead",
+}
+
+
+def _ssl_why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+
+
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     field = loc[0] if loc else ""
     name = field if field.isupper() else env_name(field) if field else "settings"
     why = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if not field and why.startswith("BRIDGE_"):
+        return why  # a check across settings, whose message names its variables itself
     if field in SECRET_FIELDS or any(var == field for var in _CREDENTIAL_ENV.values()):
         return f"{name}: {why}"
     value = error.get("input")

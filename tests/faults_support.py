@@ -1,5 +1,5 @@
-"""Tools of the fault-injection suite: a TCP proxy that cuts and stalls, a broker restart, the test's queues, a
-tally of what each side saw, and the table of results printed at the end of the pytest run.
+"""Tools of the fault-injection suite: a TCP proxy that cuts and stalls, a restart of a private broker node, the
+test's queues, a tally of what each side saw, and the table of results printed at the end of the pytest run.
 
 The table lives in ``config.stash`` (no module state): the ``fault_table`` fixture adds rows, and
 ``pytest_terminal_summary`` in conftest.py calls :func:`report_fault_table`.
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +26,10 @@ from bridge.settings import Settings
 from bridge.simulator import Simulator
 from bridge.topology import declare
 from tests.harness import BRIDGE_COMMAND
+from tests.private_broker import PrivateNode
 
 __all__ = [
     "FAULT_TABLE",
-    "RABBITMQCTL",
     "TABLE_PATH",
     "BackgroundDrain",
     "FaultTable",
@@ -41,9 +39,8 @@ __all__ = [
     "TcpProxy",
     "TooManyDuplicates",
     "amqp_port",
-    "broker_app_stopped",
     "draining",
-    "ensure_broker_app_running",
+    "node_app_stopped",
     "report_fault_table",
     "scenario_queues",
     "start_bridge",
@@ -51,8 +48,6 @@ __all__ = [
 ]
 
 TABLE_PATH = Path(__file__).parent / ".fault-table.md"
-# The broker-restart scenario runs rabbitmqctl on this machine (the broker under test is local).
-RABBITMQCTL = shutil.which("rabbitmqctl")
 
 # --- the table -----------------------------------------------------------------------------------------------
 
@@ -286,34 +281,17 @@ async def start_bridge(env: dict[str, str], log_path: Path, *args: str) -> async
 # --- the broker ----------------------------------------------------------------------------------------------
 
 
-async def _rabbitmqctl(*args: str, timeout_s: float = 60.0) -> None:
-    assert RABBITMQCTL is not None
-    process = await asyncio.create_subprocess_exec(
-        RABBITMQCTL, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
-    if process.returncode:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({process.returncode}): {(out + err).decode()[-500:]}")
-
-
 @contextlib.asynccontextmanager
-async def broker_app_stopped() -> AsyncIterator[None]:
-    """Stop the RabbitMQ application for the body (the node stays up); always start it again afterwards."""
-    await _rabbitmqctl("stop_app")
+async def node_app_stopped(node: PrivateNode) -> AsyncIterator[None]:
+    """Stop the RabbitMQ application of a private node for the body (the node stays up); start it again after.
+
+    Only ever a private node: the machine's broker is shared and is never stopped.
+    """
+    await asyncio.to_thread(node.stop_app)
     try:
         yield
     finally:
-        await _rabbitmqctl("start_app")
-        await _rabbitmqctl("await_startup")
-
-
-def ensure_broker_app_running() -> None:
-    """Last resort after a test that stopped the broker: start its application if it is not running."""
-    # start_app on a running application is a no-op, so this never disturbs a healthy broker.
-    if RABBITMQCTL is None:
-        return
-    for command in ("start_app", "await_startup"):
-        subprocess.run([RABBITMQCTL, command], capture_output=True, timeout=60, check=False)
+        await asyncio.to_thread(node.start_app)
 
 
 class TcpProxy:

@@ -20,10 +20,9 @@ Each scenario adds a row to the table printed at the end of the run (and written
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,19 @@ from bridge.settings import Settings
 from bridge.simulator import Faults, Simulator, running
 from tests.faults_support import (
     FAULT_TABLE,
-    RABBITMQCTL,
     FaultTable,
     ScenarioQueues,
     Tally,
     TcpProxy,
     TooManyDuplicates,
     amqp_port,
-    broker_app_stopped,
     draining,
-    ensure_broker_app_running,
+    node_app_stopped,
     scenario_queues,
     start_bridge,
 )
 from tests.harness import bridge_env, bridge_settings, eventually, sample
+from tests.private_broker import private_node
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -69,13 +67,6 @@ def fault_table(pytestconfig: pytest.Config) -> FaultTable:
 async def queues(broker_url: str, exchange_name: str) -> AsyncIterator[ScenarioQueues]:
     async with scenario_queues(broker_url, exchange_name) as declared:
         yield declared
-
-
-@pytest.fixture
-def broker_app_guard() -> Iterator[None]:
-    """After a test that stops the broker: make sure it runs again, whatever happened to the test."""
-    yield
-    ensure_broker_app_running()
 
 
 def settings_for(queues: ScenarioQueues, **overrides: Any) -> Settings:
@@ -124,24 +115,23 @@ def log_tail(path: Path) -> str:
 # --- the broker and the network ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    RABBITMQCTL is None and os.environ.get("CI") != "true", reason="needs rabbitmqctl of the local broker"
-)
-@pytest.mark.usefixtures("broker_app_guard")
-async def test_broker_restarted_mid_drain(queues: ScenarioQueues, fault_table: FaultTable) -> None:
+async def test_broker_restarted_mid_drain(exchange_name: str, fault_table: FaultTable) -> None:
+    # On a private node: the machine's broker is shared and never stopped.
     details = 5000
     sim = Simulator(tasks=details, seed=101)
     metrics = Metrics()
-    started = time.monotonic()
-    async with draining(settings_for(queues), sim, metrics) as drain:
-        await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
-        async with broker_app_stopped():
-            pending_when_down = sim.pending_count
-            await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
-            await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
-        complete = await drain.finished()
-    seconds = time.monotonic() - started
-    result = await queues.tally(sim, details)
+    with private_node() as node:
+        async with scenario_queues(node.url, exchange_name) as queues:
+            started = time.monotonic()
+            async with draining(settings_for(queues), sim, metrics) as drain:
+                await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
+                async with node_app_stopped(node):
+                    pending_when_down = sim.pending_count
+                    await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
+                    await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
+                complete = await drain.finished()
+            seconds = time.monotonic() - started
+            result = await queues.tally(sim, details)
     # Publishes on the wire when the connection dropped may be stored without a confirm, and are published
     # again after the reconnect: at most the in-flight window.
     fault_table.add("broker restarted mid-drain (stop_app, start_app)", result, seconds, WINDOW)

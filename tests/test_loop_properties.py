@@ -35,6 +35,9 @@ ACK_OUTCOMES = ["applied", "applied", "in_part", "dropped", "unusable", "failed"
 class Broker:
     def __init__(self, outcomes: Iterator[PublishOutcome]) -> None:
         self.connected = True
+        self.last_refusal: str | None = None
+        self.blocked_reason: str | None = None
+        self.refused_reason: str | None = None
         self.outcomes = outcomes
         self.on_wire: set[str] = set()
         self.confirmed: set[str] = set()

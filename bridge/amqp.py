@@ -1,0 +1,199 @@
+"""The broker connection: aio-pika's, with the three seams aiormq 7 does not offer publicly.
+
+- **Blocked / unblocked.** RabbitMQ sends ``Connection.Blocked`` (with its reason, "low on memory") when a
+  resource alarm stops it from reading publishes, and ``Connection.Unblocked`` when the alarm clears. aiormq
+  handles both frames in two private methods (it only logs them), so :class:`_AmqpConnection` overrides those
+  methods, by their mangled names, to call the publisher's hooks. A test on a private node pins the behaviour.
+- **The broker's reason for a refused handshake.** aiormq checks the frame type before it looks for
+  ``Connection.Close``, so a wrong password or an unknown vhost reads ``InvalidFrameError: Expected one of
+  ['Connection.OpenOk'] ...``. :meth:`_AmqpConnection._rpc` looks for the close first and raises
+  :class:`HandshakeRefused` with the broker's reply code and text.
+- **A transport that can be aborted.** Closing a connection whose peer does not read (a stalled link, a broker
+  that blocked it) waits for bytes that never leave; :meth:`BrokerConnection.abort` resets the socket instead,
+  so an abandoned connection never lingers on either side.
+
+The connection is built by hand (not with ``aio_pika.connect``) only because aio-pika passes the underlying
+connection no arguments of its own choosing; it is an ``aio_pika.Connection`` for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+import pamqp.frame
+from aio_pika.abc import UnderlayConnection
+from aiormq.connection import TransportFactory
+from pamqp import commands as spec
+from yarl import URL
+
+from bridge.settings import Settings
+
+__all__ = ["BrokerConnection", "HandshakeRefused", "connect", "dead_link_detection_s"]
+
+
+def dead_link_detection_s(heartbeat_s: int) -> float:
+    """The longest a dead, idle link goes unnoticed by the bridge with AMQP heartbeat ``heartbeat_s``.
+
+    aiormq sends a heartbeat every ``heartbeat_s // 2`` seconds (at least 1) and, at each of those ticks, gives
+    the connection up once no frame has arrived for ``(heartbeat_s + 1) * 3`` seconds: the grace, plus up to one
+    tick before it is checked. (RabbitMQ, for its side, closes a connection after about two missed heartbeats.)
+    """
+    grace_s = (heartbeat_s + 1) * aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER
+    tick_s = max(1, int(heartbeat_s * aiormq.Connection.HEARTBEAT_INTERVAL_MULTIPLIER))
+    return float(grace_s + tick_s)
+
+
+class HandshakeRefused(aiormq.exceptions.AMQPConnectionError):
+    """The broker closed the connection during the handshake: login, vhost or access refused."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        super().__init__(reply_code, reply_text)
+
+    def __str__(self) -> str:
+        return f"{self.reply_text} (reply code {self.reply_code})"
+
+
+class _Transports(TransportFactory):
+    """Opens TCP or TLS like aiormq's own factories and keeps the writer, so the socket can be aborted."""
+
+    def __init__(self) -> None:
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        provider = kwargs.pop("ssl_context_provider")
+        context = await provider.get_context() if url.scheme == "amqps" else None
+        try:
+            reader, writer = await asyncio.open_connection(host=url.host, port=url.port, ssl=context, **kwargs)
+        except ssl.SSLError:
+            raise  # kept as it is: the publisher names TLS and the setting to use
+        except OSError as exc:
+            raise aiormq.exceptions.AMQPConnectionError(*exc.args) from exc
+        self.writer = writer
+        return reader, writer
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+
+class _AmqpConnection(aiormq.Connection):
+    """aiormq's connection, telling ``on_blocked(reason)`` / ``on_unblocked()`` about the broker's alarms."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        on_blocked: Callable[[str], None],
+        on_unblocked: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(url, **kwargs)
+        self._on_blocked = on_blocked
+        self._on_unblocked = on_unblocked
+
+    # Overrides of aiormq's private handlers (Connection.__handle_connection_blocked / _unblocked). They do what
+    # aiormq's do (the event gates aiormq's writer at start and its ready()), without aiormq's log line.
+    async def _Connection__handle_connection_blocked(self, frame: spec.Connection.Blocked) -> None:
+        getattr(self, "_Connection__connection_unblocked").clear()  # noqa: B009 (a mangled private name)
+        self._on_blocked(frame.reason or "no reason given")
+
+    async def _Connection__handle_connection_unblocked(self, _frame: spec.Connection.Unblocked) -> None:
+        getattr(self, "_Connection__connection_unblocked").set()  # noqa: B009
+        self._on_unblocked()
+
+    @staticmethod
+    async def _rpc(request: Any, writer: asyncio.StreamWriter, frame_receiver: Any, wait_response: bool = True) -> Any:
+        # aiormq's own, with Connection.Close looked at first: its reply text is the broker's reason.
+        writer.write(pamqp.frame.marshal(request, 0))
+        await writer.drain()
+        if not wait_response:
+            return None
+        _, _, frame = await frame_receiver.get_frame()
+        if isinstance(frame, spec.Connection.Close):
+            raise HandshakeRefused(frame.reply_code or 0, frame.reply_text or "")
+        if request.synchronous and frame.name not in request.valid_responses:
+            raise aiormq.exceptions.InvalidFrameError(f"Expected one of {request.valid_responses!r}, got {frame!r}")
+        return frame
+
+
+class _Underlay(UnderlayConnection):
+    @classmethod
+    async def make_connection(
+        cls,
+        url: URL,
+        timeout: float | None = None,  # noqa: ASYNC109 (aio-pika's signature)
+        **kwargs: Any,
+    ) -> _AmqpConnection:
+        connection = _AmqpConnection(url, **kwargs)
+        await asyncio.wait_for(connection.connect(), timeout=timeout)
+        await connection.ready()
+        return connection
+
+
+class BrokerConnection(aio_pika.Connection):
+    """An ``aio_pika.Connection`` with blocked/unblocked hooks, the broker's handshake refusals and :meth:`abort`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat_s: int,
+        ssl_context: ssl.SSLContext | None,
+        on_blocked: Callable[[str], None],
+        on_unblocked: Callable[[], None],
+    ) -> None:
+        super().__init__(URL(url).update_query(heartbeat=heartbeat_s), ssl_context=ssl_context)
+        self._transports = _Transports()
+        self._hooks = {"on_blocked": on_blocked, "on_unblocked": on_unblocked}
+
+    async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aio-pika's signature)
+        self.transport = await _Underlay.connect(
+            self.url,
+            self._on_connection_close,
+            timeout=timeout,
+            transport_factory=self._transports,
+            **self._hooks,
+            **self.kwargs,
+        )
+        await self._on_connected()
+
+    def abort(self) -> None:
+        """Reset the socket now, without the closing handshake (for a peer that no longer reads)."""
+        self._transports.abort()
+
+
+def _ignore(*_args: object) -> None:
+    return None
+
+
+async def connect(
+    settings: Settings,
+    *,
+    on_blocked: Callable[[str], None] = _ignore,
+    on_unblocked: Callable[[], None] = _ignore,
+) -> BrokerConnection:
+    """A connection to ``BRIDGE_AMQP_URL`` with the bridge's heartbeat and TLS settings (every command uses it).
+
+    Raises what aiormq raises (``AMQPError``, ``OSError``, ``TimeoutError``), :class:`HandshakeRefused` for a
+    refused login or vhost, and ``ssl.SSLError`` for a failed TLS handshake.
+    """
+    connection = BrokerConnection(
+        settings.amqp_url.get_secret_value(),
+        heartbeat_s=settings.amqp_heartbeat_s,
+        ssl_context=settings.amqp_ssl_context() if settings.amqp_tls else None,
+        on_blocked=on_blocked,
+        on_unblocked=on_unblocked,
+    )
+    try:
+        await connection.connect(timeout=settings.publish_timeout_s)
+    except BaseException:
+        connection.abort()
+        raise
+    return connection
