@@ -103,7 +103,8 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     if isinstance(exc, errors.ConnectionClosed):
         return BrokerUnavailableError(f"the broker at {where} closed the connection: {_reply(exc)}")
     if isinstance(exc, errors.AMQPError):
-        return BrokerError(f"broker error on {where}: {type(exc).__name__}: {_reply(exc)}")
+        # A connection that could not be opened or was lost (AMQPConnectionError and kin): try again later.
+        return BrokerUnavailableError(f"broker error on {where}: {type(exc).__name__}: {_reply(exc)}")
     if isinstance(exc, TimeoutError):
         return BrokerUnavailableError(
             f"cannot connect to {where}: no answer within {settings.publish_timeout_s:g}s; "
