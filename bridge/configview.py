@@ -1,8 +1,9 @@
 """``task-bridge config``: the effective settings, each with where its value came from, secrets masked.
 
-One row per setting in the order of the README's table: the variable, the value the bridge uses, and its origin
-(``environment``, ``file <path> (<VAR>_FILE)``, ``.env file`` or ``default``). Secrets show as ``***`` and the
-AMQP URL with its password masked; an unset optional setting shows what the bridge does instead.
+One row per setting in the order of the settings table (docs/operating.md): the variable, the value the bridge
+uses, and its origin (``environment``, ``file <path> (<VAR>_FILE)``, ``.env file`` or ``default``). Secrets show
+as ``***`` and the AMQP URL with its password masked; an unset optional setting shows what the bridge does
+instead.
 """
 
 from __future__ import annotations

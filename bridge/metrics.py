@@ -1,7 +1,7 @@
 """Prometheus metrics of the bridge, on a registry of their own so each test and each app gets a fresh set.
 
-The README's metrics table, the alert rules and the Grafana dashboard in ``deploy/`` use exactly these names;
-a test checks they agree. Label values are small fixed sets (never ids, domains or secrets).
+The metrics table in docs/operating.md, the alert rules and the Grafana dashboard in ``deploy/`` use exactly
+these names; a test checks they agree. Label values are small fixed sets (never ids, domains or secrets).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class _SecretFilesSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    """Every setting of task-bridge. Field names carry units; the README's settings table mirrors this class."""
+    """Every setting of task-bridge. Field names carry units; docs/operating.md's settings table mirrors it."""
 
     model_config = SettingsConfigDict(
         env_prefix="BRIDGE_",
