@@ -12,6 +12,9 @@
   that blocked it) waits for bytes that never leave; :meth:`BrokerConnection.abort` resets the socket instead,
   so an abandoned connection never lingers on either side.
 
+With several URLs in ``BRIDGE_AMQP_URL`` (a cluster's nodes), :func:`connect` tries them in turn from the one
+its caller names (the publisher names the one after the node it lost): see docs/broker.md, "A broker cluster".
+
 The connection is built by hand (not with ``aio_pika.connect``) only because aio-pika passes the underlying
 connection no arguments of its own choosing; it is an ``aio_pika.Connection`` for everything else.
 """
