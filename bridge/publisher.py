@@ -209,7 +209,8 @@ class Publisher:
             self._refused(refusal)
         if self._connected:
             reason = refusal or (self._describe(exc) if exc else "closed")
-            log.warning(f"broker connection lost: {reason}", extra={"reason": reason})
+            broker = self._connection.broker if self._connection is not None else None
+            log.warning(f"broker connection lost: {reason}", extra={"reason": reason, "broker": broker})
         self._connected = False
         self._metrics.broker_connected.set(0)
         self._release_block()  # publishes waiting for an unblock see the connection gone

@@ -157,6 +157,14 @@ async def test_connect_goes_on_to_the_next_node_when_one_does_not_answer(
     assert "pw-closed" not in warning
 
 
+async def test_a_port_nobody_listens_on_is_unavailable_not_a_broker_error() -> None:
+    # Unavailable is retried with backoff (and a cluster's next node tried); a plain BrokerError stops the bridge.
+    url = _closed_url()
+    with pytest.raises(BrokerUnavailableError) as caught:
+        await refusals.connect(_settings(url))
+    assert str(caught.value).startswith(f"cannot connect to amqp://guest:***@127.0.0.1:{amqp_port(url)}/")
+
+
 @pytest.mark.broker
 async def test_every_node_down_is_one_line_naming_each(broker_url: str) -> None:
     first, second = _closed_url("pw-one"), _closed_url("pw-two")
