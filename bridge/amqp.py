@@ -177,6 +177,10 @@ class BrokerConnection(aio_pika.Connection):
     def abort(self) -> None:
         """Reset the socket now, without the closing handshake (for a peer that no longer reads)."""
         self._transports.abort()
+        if self.transport is None and not self._closed.done():
+            # Never opened: nothing to close. Marked closed, so aio-pika's __del__ schedules no close() that an
+            # event loop may never run (an "never awaited" warning after every failed connect).
+            self._closed.set_result(True)
 
 
 def _ignore(*_args: object) -> None:

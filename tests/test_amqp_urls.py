@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+import aiormq
 import pytest
 
 from bridge import amqp, refusals
@@ -205,3 +206,16 @@ async def test_the_publisher_moves_to_the_next_node_on_each_reconnect(broker_url
     first, second = (url.replace(":guest@", ":***@") for url in (broker_url, other))
     assert seen == [first, second, first]
     assert publisher.broker is None
+
+
+async def test_a_connection_that_never_opened_is_closed_once_aborted() -> None:
+    # Otherwise aio-pika's __del__ schedules a close() that a finished event loop never runs: a warning (an
+    # error under filterwarnings=error) after every failed attempt, whenever the garbage collector finds it.
+    connection = amqp.BrokerConnection(
+        _closed_url(), heartbeat_s=6, ssl_context=None, on_blocked=print, on_unblocked=print
+    )
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+        await connection.connect(timeout=2)
+    assert not connection.is_closed
+    connection.abort()
+    assert connection.is_closed
