@@ -12,6 +12,9 @@
   that blocked it) waits for bytes that never leave; :meth:`BrokerConnection.abort` resets the socket instead,
   so an abandoned connection never lingers on either side.
 
+With several URLs in ``BRIDGE_AMQP_URL`` (a cluster's nodes), :func:`connect` tries them in turn from the one
+its caller names (the publisher names the one after the node it lost): see docs/broker.md, "A broker cluster".
+
 The connection is built by hand (not with ``aio_pika.connect``) only because aio-pika passes the underlying
 connection no arguments of its own choosing; it is an ``aio_pika.Connection`` for everything else.
 """
@@ -19,6 +22,7 @@ connection no arguments of its own choosing; it is an ``aio_pika.Connection`` fo
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +37,9 @@ from yarl import URL
 
 from bridge.settings import Settings
 
-__all__ = ["BrokerConnection", "HandshakeRefused", "connect", "dead_link_detection_s"]
+__all__ = ["BrokerConnection", "HandshakeRefused", "NoNodeConnected", "connect", "dead_link_detection_s"]
+
+log = logging.getLogger(__name__)
 
 
 def dead_link_detection_s(heartbeat_s: int) -> float:
@@ -152,6 +158,10 @@ class BrokerConnection(aio_pika.Connection):
         super().__init__(URL(url).update_query(heartbeat=heartbeat_s), ssl_context=ssl_context)
         self._transports = _Transports()
         self._hooks = {"on_blocked": on_blocked, "on_unblocked": on_unblocked}
+        self.node_index = 0
+        """Which URL of ``BRIDGE_AMQP_URL`` this connection went to (from 0)."""
+        self.broker = ""
+        """That URL with its password masked, for logs and reports."""
 
     async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aio-pika's signature)
         self.transport = await _Underlay.connect(
@@ -167,10 +177,22 @@ class BrokerConnection(aio_pika.Connection):
     def abort(self) -> None:
         """Reset the socket now, without the closing handshake (for a peer that no longer reads)."""
         self._transports.abort()
+        if self.transport is None and not self._closed.done():
+            # Never opened: nothing to close. Marked closed, so aio-pika's __del__ schedules no close() that an
+            # event loop may never run (an "never awaited" warning after every failed connect).
+            self._closed.set_result(True)
 
 
 def _ignore(*_args: object) -> None:
     return None
+
+
+class NoNodeConnected(aiormq.exceptions.AMQPConnectionError):
+    """No URL of a ``BRIDGE_AMQP_URL`` list took the connection: ``failures`` holds (URL index, error) for each."""
+
+    def __init__(self, failures: list[tuple[int, Exception]]) -> None:
+        self.failures = failures
+        super().__init__(f"no broker node of {len(failures)} took the connection")
 
 
 async def connect(
@@ -178,14 +200,45 @@ async def connect(
     *,
     on_blocked: Callable[[str], None] = _ignore,
     on_unblocked: Callable[[], None] = _ignore,
+    first: int = 0,
 ) -> BrokerConnection:
     """A connection to ``BRIDGE_AMQP_URL`` with the bridge's heartbeat and TLS settings (every command uses it).
 
-    Raises what aiormq raises (``AMQPError``, ``OSError``, ``TimeoutError``), :class:`HandshakeRefused` for a
-    refused login or vhost, and ``ssl.SSLError`` for a failed TLS handshake.
+    With several URLs (a cluster's nodes) they are tried in turn, from number ``first`` (from 0, taken modulo
+    their count), until one connects: :attr:`BrokerConnection.node_index` says which. Raises what aiormq
+    raises (``AMQPError``, ``OSError``, ``TimeoutError``), :class:`HandshakeRefused` for a refused login or
+    vhost, and ``ssl.SSLError`` for a failed TLS handshake; with several URLs, :class:`NoNodeConnected`
+    carrying each node's error.
     """
+    urls = settings.amqp_urls
+    failures: list[tuple[int, Exception]] = []
+    for step in range(len(urls)):
+        index = (first + step) % len(urls)
+        try:
+            connection = await _connect_node(settings, urls[index], on_blocked, on_unblocked)
+        except Exception as exc:
+            if len(urls) == 1:
+                raise
+            failures.append((index, exc))
+            if step + 1 < len(urls):
+                reason = settings.scrub(f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:300]
+                broker = settings.amqp_node(index).amqp_url_masked
+                log.warning(
+                    f"broker node {broker} failed ({reason}); trying the next URL",
+                    extra={"broker": broker, "reason": reason},
+                )
+            continue
+        connection.node_index = index
+        connection.broker = settings.amqp_node(index).amqp_url_masked
+        return connection
+    raise NoNodeConnected(failures)
+
+
+async def _connect_node(
+    settings: Settings, url: str, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]
+) -> BrokerConnection:
     connection = BrokerConnection(
-        settings.amqp_url.get_secret_value(),
+        url,
         heartbeat_s=settings.amqp_heartbeat_s,
         ssl_context=settings.amqp_ssl_context() if settings.amqp_tls else None,
         on_blocked=on_blocked,

@@ -122,7 +122,6 @@ async def _check_upstream(settings: Settings, http: httpx.AsyncClient) -> CheckR
 
 
 async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list[CheckResult]:
-    where = settings.amqp_url_masked
     try:
         connection = await refusals.connect(settings)
     except BrokerError as exc:
@@ -137,7 +136,7 @@ async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list
         topology = await _guarded("topology", scrub, lambda: _check_topology(connection, settings.exchange))
     finally:
         await connection.close()
-    return [CheckResult("broker", Status.OK, f"{where}: {server}"), topology]
+    return [CheckResult("broker", Status.OK, f"{connection.broker}: {server}"), topology]
 
 
 _Declaration = Callable[[AbstractChannel], Awaitable[Any]]

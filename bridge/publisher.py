@@ -74,6 +74,8 @@ class Publisher:
         self._in_flight = 0
         self._connection: BrokerConnection | None = None
         self._generation: object | None = None  # the connection being opened, or open (see connect)
+        # The URL of BRIDGE_AMQP_URL tried first on the next connect: the one after the last connected (round robin).
+        self._next_node = 0
         self._channel: AbstractChannel | None = None
         self._amqp: aiormq.Channel | None = None
         self._connected = False
@@ -93,6 +95,11 @@ class Publisher:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def broker(self) -> str | None:
+        """The URL (password masked) of the broker node this publisher is connected to, or None."""
+        return self._connection.broker if self._connected and self._connection is not None else None
 
     @property
     def in_flight(self) -> int:
@@ -129,9 +136,12 @@ class Publisher:
                 self._settings,
                 on_blocked=lambda reason: self._on_blocked(generation, reason),
                 on_unblocked=lambda: self._on_unblocked(generation),
+                first=self._next_node,
             )
         except Exception as exc:
+            self._next_node += 1
             raise self._connect_error(exc) from None
+        self._next_node = connection.node_index + 1
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
             await declare(channel, self._settings.exchange)
@@ -150,7 +160,7 @@ class Publisher:
         channel.close_callbacks.add(self._on_close)
         self._connected = True
         self._metrics.broker_connected.set(1)
-        log.info("broker connected", extra={"broker": self._settings.amqp_url_masked})
+        log.info("broker connected", extra={"broker": connection.broker})
 
     def _connect_error(self, exc: Exception) -> Exception:
         """What :meth:`connect` raises for ``exc``: one line with the broker's own reason (:mod:`bridge.refusals`)."""
@@ -199,7 +209,8 @@ class Publisher:
             self._refused(refusal)
         if self._connected:
             reason = refusal or (self._describe(exc) if exc else "closed")
-            log.warning(f"broker connection lost: {reason}", extra={"reason": reason})
+            broker = self._connection.broker if self._connection is not None else None
+            log.warning(f"broker connection lost: {reason}", extra={"reason": reason, "broker": broker})
         self._connected = False
         self._metrics.broker_connected.set(0)
         self._release_block()  # publishes waiting for an unblock see the connection gone

@@ -14,7 +14,6 @@ import ssl
 from urllib.parse import unquote, urlsplit
 
 import aiormq
-from aio_pika.abc import AbstractConnection
 
 from bridge import amqp
 from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
@@ -35,8 +34,11 @@ _MAX_REPLY_CHARS = 300
 
 
 def user_and_vhost(settings: Settings) -> tuple[str, str]:
-    """The user name and the virtual host that ``BRIDGE_AMQP_URL`` asks for (aio-pika's reading of the URL)."""
-    parts = urlsplit(settings.amqp_url.get_secret_value())
+    """The user name and the virtual host that ``BRIDGE_AMQP_URL`` asks for (aio-pika's reading of the URL).
+
+    Of its first URL, for a list: :meth:`Settings.amqp_node` gives the settings of another.
+    """
+    parts = urlsplit(settings.amqp_urls[0])
     user = unquote(parts.username) if parts.username else "guest"
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     return user, unquote(path) or "/"
@@ -52,10 +54,27 @@ def _reply(exc: BaseException) -> str:
 
 def explain(exc: BaseException, settings: Settings, doing: str | None = None) -> BrokerError:
     """``exc`` (from aio-pika or aiormq, while ``doing`` something) as a one-line :class:`BrokerError`."""
-    error = _classify(exc, settings)
+    error = _classify_nodes(exc, settings) if isinstance(exc, amqp.NoNodeConnected) else _classify(exc, settings)
     if doing and not isinstance(error, BrokerUnavailableError):
         error = type(error)(f"{doing}: {error}")
     return type(error)(settings.scrub(str(error)))
+
+
+def _classify_nodes(exc: amqp.NoNodeConnected, settings: Settings) -> BrokerError:
+    """Every node of a ``BRIDGE_AMQP_URL`` list failed: each one's reason, and the gravest kind of them.
+
+    A refusal by any node is a refusal: users, virtual hosts and permissions are the same on every node of a
+    cluster, so the nodes that did not answer would most likely have refused too. It stops the process at start.
+    """
+    errors = [(index, _classify(error, settings.amqp_node(index))) for index, error in exc.failures]
+    kinds = {type(error) for _, error in errors}
+    kind: type[BrokerError] = BrokerError
+    if BrokerRefusedError in kinds:
+        kind = BrokerRefusedError
+    elif kinds == {BrokerUnavailableError}:
+        kind = BrokerUnavailableError
+    reasons = "; ".join(f"node {index + 1}: {error}" for index, error in errors)
+    return kind(f"no node of BRIDGE_AMQP_URL took the connection ({len(errors)} tried) - {reasons}")
 
 
 def _classify(exc: BaseException, settings: Settings) -> BrokerError:
@@ -77,6 +96,8 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     tls = _tls_problem(exc, settings)
     if tls is not None:
         return tls
+    if isinstance(exc, errors.AMQPConnectionError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # a TCP connect that failed (refused, unreachable), wrapped for aiormq: no broker there
     if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
         return BrokerRefusedError(
             f"the broker at {where} refused the login of user {user!r} ({_reply(exc)}): "
@@ -147,9 +168,9 @@ def _refused_vhost(exc: BaseException) -> bool:
     return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in text and "Close" in text
 
 
-async def connect(settings: Settings) -> AbstractConnection:
-    """Connect to ``BRIDGE_AMQP_URL`` as the bridge does (:func:`bridge.amqp.connect`: TLS, heartbeat); every
-    failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
+async def connect(settings: Settings) -> amqp.BrokerConnection:
+    """Connect to ``BRIDGE_AMQP_URL`` as the bridge does (:func:`bridge.amqp.connect`: TLS, heartbeat, each URL
+    of a list in turn); every failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
     try:
         return await amqp.connect(settings)
     except CONNECT_ERRORS as exc:

@@ -27,7 +27,7 @@ from yarl import URL
 
 from bridge.errors import SettingsError
 
-__all__ = ["API_FLAVOURS", "SECRET_FIELDS", "Settings", "env_name", "load_settings", "origins"]
+__all__ = ["API_FLAVOURS", "SECRET_FIELDS", "Settings", "env_name", "load_settings", "origins", "split_amqp_urls"]
 
 # Endpoint and API version of the two flavours of the Domain API; request and response fields are identical.
 API_FLAVOURS: dict[str, tuple[str, str]] = {
@@ -250,24 +250,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
         # Every message here names the part that is wrong, never the URL itself: it carries the password.
-        text = value.get_secret_value()
-        if not text.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        if _BAD_ESCAPE.search(text):
-            raise ValueError("has a '%' not followed by two hex digits (write a literal '%' as %25)")
-        try:
-            url = URL(text)
-        except ValueError:
-            raise ValueError("does not parse as a URL (check the port and the brackets of an IPv6 host)") from None
-        if not url.host:
-            raise ValueError("names no host")
-        if url.explicit_port is not None and not 0 < url.explicit_port <= 65535:
-            raise ValueError("has a port outside 1-65535")
-        if url.raw_path.count("/") > 1:
-            raise ValueError("has a '/' inside the virtual host name: write it as %2F")
-        for option in url.query:
-            if option in _REFUSED_URL_OPTIONS:
-                raise ValueError(f"option {option!r} is not supported: {_REFUSED_URL_OPTIONS[option]}")
+        urls = split_amqp_urls(value.get_secret_value())
+        for position, text in enumerate(urls, start=1):
+            where = f"URL {position} of {len(urls)} " if len(urls) > 1 else ""
+            try:
+                _check_one_amqp_url(text)
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+        schemes = [text.partition("://")[0] for text in urls]
+        if len(set(schemes)) > 1:
+            # One set of TLS settings serves every node; a plain URL in the list would fail over to plain text.
+            raise ValueError(f"mixes {' and '.join(sorted(set(schemes)))}: list only amqp:// or only amqps:// URLs")
         return value
 
     @field_validator("exchange")
@@ -314,8 +307,20 @@ class Settings(BaseSettings):
         return f"{self.exchange}.invalid"
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs of ``BRIDGE_AMQP_URL`` in the order they are tried (one, or a cluster's nodes)."""
+        return split_amqp_urls(self.amqp_url.get_secret_value())
+
+    @property
     def amqp_tls(self) -> bool:
-        return self.amqp_url.get_secret_value().startswith("amqps://")
+        return self.amqp_urls[0].startswith("amqps://")  # every URL of a list has the same scheme
+
+    def amqp_node(self, index: int) -> Settings:
+        """These settings with ``BRIDGE_AMQP_URL`` reduced to its URL number ``index`` (from 0): one broker node."""
+        urls = self.amqp_urls
+        if len(urls) == 1:
+            return self
+        return self.model_copy(update={"amqp_url": SecretStr(urls[index % len(urls)])})
 
     def amqp_ssl_context(self) -> ssl.SSLContext:
         """The TLS context for an ``amqps://`` broker: verification always on (the system CAs, or the CA file).
@@ -338,25 +343,21 @@ class Settings(BaseSettings):
 
     @property
     def amqp_url_masked(self) -> str:
-        """The AMQP URL with any password replaced, safe for logs and reports."""
-        url = self.amqp_url.get_secret_value()
-        scheme, sep, rest = url.partition("://")
-        creds, at, host = rest.rpartition("@")
-        if not at:
-            return url
-        user = creds.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
+        """The AMQP URL (every URL of a list, joined by ``", "``) with any password replaced, safe for logs."""
+        return ", ".join(_mask_amqp_url(url) for url in self.amqp_urls)
 
     def secret_values(self) -> list[str]:
-        """Every secret this configuration holds (the AMQP password alone too), longest first."""
-        url = self.amqp_url.get_secret_value()
-        values = [url]
-        userinfo = url.partition("://")[2].rpartition("@")[0]
-        user, colon, password = userinfo.partition(":")
-        # A password equal to the user name (guest:guest) hides nothing the masked URL does not show already,
-        # and masking it would blank out the user name wherever it appears.
-        if colon and password != user:
-            values.append(password)
+        """Every secret this configuration holds (each AMQP URL and password alone too), longest first."""
+        # A URL without a password is no secret: its host stays readable in the messages that name it.
+        text = self.amqp_url.get_secret_value()
+        values = [v for v in (text, *self.amqp_urls) if "@" in v]
+        for url in self.amqp_urls:
+            userinfo = url.partition("://")[2].rpartition("@")[0]
+            user, colon, password = userinfo.partition(":")
+            # A password equal to the user name (guest:guest) hides nothing the masked URL does not show
+            # already, and masking it would blank out the user name wherever it appears.
+            if colon and password != user:
+                values.append(password)
         values += [v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v is not None]
         # Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
         return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
@@ -389,6 +390,48 @@ class Settings(BaseSettings):
 
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# A comma starts the next URL only where one follows it, so a comma inside a password needs no escape.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)")
+_OTHER_URL_AFTER_COMMA = re.compile(r",\s*[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def split_amqp_urls(text: str) -> list[str]:
+    """The URLs of a ``BRIDGE_AMQP_URL`` value: one, or several separated by commas (spaces around them allowed)."""
+    return _URL_SEPARATOR.split(text.strip())
+
+
+def _check_one_amqp_url(text: str) -> None:
+    """Raise ``ValueError`` naming what is wrong with one broker URL (never the URL: it carries the password)."""
+    if not text.startswith(("amqp://", "amqps://")):
+        raise ValueError("must start with amqp:// or amqps://")
+    if "," in text.rpartition("@")[2] or _OTHER_URL_AFTER_COMMA.search(text):
+        raise ValueError("has a ',' after its host: separate URLs by commas, each starting with amqp:// or amqps://")
+    if _BAD_ESCAPE.search(text):
+        raise ValueError("has a '%' not followed by two hex digits (write a literal '%' as %25)")
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ValueError("does not parse as a URL (check the port and the brackets of an IPv6 host)") from None
+    if not url.host:
+        raise ValueError("names no host")
+    if url.explicit_port is not None and not 0 < url.explicit_port <= 65535:
+        raise ValueError("has a port outside 1-65535")
+    if url.raw_path.count("/") > 1:
+        raise ValueError("has a '/' inside the virtual host name: write it as %2F")
+    for option in url.query:
+        if option in _REFUSED_URL_OPTIONS:
+            raise ValueError(f"option {option!r} is not supported: {_REFUSED_URL_OPTIONS[option]}")
+
+
+def _mask_amqp_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
 # URL query options aiormq reads on its own, each of which would bypass or silently override a setting.
 _TLS_INSTEAD = "set BRIDGE_AMQP_CA_FILE, BRIDGE_AMQP_CERT_FILE and BRIDGE_AMQP_KEY_FILE instead"
 _REFUSED_URL_OPTIONS = {

@@ -168,7 +168,7 @@ async def tail(
         await queue.consume(on_message, no_ack=True)
         if on_ready is not None:
             shown = "every invalid record" if invalid else f"pattern {pattern!r}"
-            on_ready(f"tailing {exchange!r} ({shown}) on {settings.amqp_url_masked}; Ctrl-C to stop")
+            on_ready(f"tailing {exchange!r} ({shown}) on {connection.broker}; Ctrl-C to stop")
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

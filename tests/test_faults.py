@@ -20,6 +20,7 @@ Each scenario adds a row to the table printed at the end of the run (and written
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -46,7 +47,7 @@ from tests.faults_support import (
     start_bridge,
 )
 from tests.harness import bridge_env, bridge_settings, eventually, sample
-from tests.private_broker import private_node
+from tests.private_broker import private_cluster, private_node
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -136,6 +137,43 @@ async def test_broker_restarted_mid_drain(exchange_name: str, fault_table: Fault
     # again after the reconnect: at most the in-flight window.
     fault_table.add("broker restarted mid-drain (stop_app, start_app)", result, seconds, WINDOW)
     assert pending_when_down > 0, "the broker should go down mid-drain"
+    assert complete
+    check(result, sim, allowed_duplicates=min(WINDOW, unanswered(metrics)))
+
+
+async def test_cluster_node_stopped_mid_drain(
+    exchange_name: str, fault_table: FaultTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A three-node cluster of private nodes, quorum queues, and BRIDGE_AMQP_URL listing the three nodes.
+    caplog.set_level(logging.INFO, logger="bridge.publisher")
+    details = 5000
+    sim = Simulator(tasks=details, seed=111)
+    metrics = Metrics()
+
+    def connected_to() -> list[str]:
+        return [str(getattr(r, "broker", "")) for r in caplog.records if r.getMessage() == "broker connected"]
+
+    with private_cluster(3) as nodes:
+        urls = " , ".join(node.url for node in nodes)
+        async with scenario_queues(nodes[0].url, exchange_name, arguments={"x-queue-type": "quorum"}) as queues:
+            started = time.monotonic()
+            async with draining(settings_for(queues, amqp_url=urls), sim, metrics) as drain:
+                await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
+                (first,) = connected_to()
+                stopped = next(node for node in nodes if f":{node.port}/" in first)
+                pending_when_stopped = sim.pending_count
+                await asyncio.to_thread(stopped.ctl, "stop")  # the whole node, not only its AMQP listener
+                queues.amqp_url = next(node.url for node in nodes if node is not stopped)
+                complete = await drain.finished()
+            seconds = time.monotonic() - started
+            result = await queues.tally(sim, details)
+    # As for a restart: publishes on the wire when the node went may be stored without a confirm.
+    fault_table.add("cluster node the bridge uses stopped mid-drain (3 nodes, quorum queues)", result, seconds, WINDOW)
+    assert pending_when_stopped > 0, "the node should stop mid-drain"
+    assert first == nodes[0].url.replace(":guest@", ":***@"), "the first URL of the list is tried first"
+    later = connected_to()[1:]
+    assert later, "the bridge should reconnect"
+    assert all(f":{stopped.port}/" not in broker for broker in later), "it reconnects to another node"
     assert complete
     check(result, sim, allowed_duplicates=min(WINDOW, unanswered(metrics)))
 
