@@ -8,6 +8,11 @@
   ``Connection.Close``, so a wrong password or an unknown vhost reads ``InvalidFrameError: Expected one of
   ['Connection.OpenOk'] ...``. :meth:`_AmqpConnection._rpc` looks for the close first and raises
   :class:`HandshakeRefused` with the broker's reply code and text.
+- **One socket write for the frames queued together.** aiormq's writer task sends each queued frame with its
+  own ``transport.write`` (a ``send()`` system call per published message). :class:`_AmqpConnection` gives it a
+  write queue (:class:`_CoalescingQueue`) that hands over every frame queued at that moment as one, in order,
+  and holds enough frames for the publisher's whole window, so the publishes of one loop iteration leave in one
+  write instead of waiting, a few at a time, for room in aiormq's queue of ten.
 - **A transport that can be aborted.** Closing a connection whose peer does not read (a stalled link, a broker
   that blocked it) waits for bytes that never leave; :meth:`BrokerConnection.abort` resets the socket instead,
   so an abandoned connection never lingers on either side.
@@ -31,6 +36,7 @@ import aio_pika
 import aiormq
 import pamqp.frame
 from aio_pika.abc import UnderlayConnection
+from aiormq.abc import ChannelFrame
 from aiormq.connection import TransportFactory
 from pamqp import commands as spec
 from yarl import URL
@@ -89,8 +95,59 @@ class _Transports(TransportFactory):
             self.writer.transport.abort()
 
 
+# Frames the write queue holds before a publish waits for room: more than the publisher's window (at most
+# BRIDGE_MAX_IN_FLIGHT publishes, one frame each) plus the channel's own requests, so the window alone paces
+# publishing, as it does the confirms. The bytes are bounded by that window either way: a publish that waits
+# for room holds its frame too.
+_WRITE_QUEUE_FRAMES = 65_536 + 64
+# At most this many bytes go into one write; the rest of the queue follows in the next ones.
+_WRITE_MAX_BYTES = 256 * 1024
+
+
+class _Frames(ChannelFrame):
+    """Consecutive frames of the write queue as one: their payloads joined, each drain waiter kept."""
+
+    waiting: list[ChannelFrame]
+
+    def __init__(self, frames: list[ChannelFrame]) -> None:
+        super().__init__(payload=b"".join([frame.payload for frame in frames]), should_close=frames[-1].should_close)
+        # A frozen dataclass: its fields are set this way (as its own __init__ does).
+        object.__setattr__(self, "waiting", [frame for frame in frames if frame.drain_future is not None])
+
+    @property
+    def should_drain(self) -> bool:
+        return any(frame.should_drain for frame in self.waiting)
+
+    def drain(self) -> None:
+        for frame in self.waiting:
+            frame.drain()
+
+
+class _CoalescingQueue(asyncio.Queue[ChannelFrame]):
+    """aiormq's write queue, handing its writer every frame queued at that moment as one (see the module doc).
+
+    Order is kept; a closing frame (``Connection.CloseOk``) ends a batch, as aiormq's writer stops after it; a
+    frame whose sender waits for it to be written (``drain_future``) is released after the write of its batch
+    has drained, as aiormq does after the frame's own write.
+    """
+
+    async def get(self) -> ChannelFrame:
+        frame = await super().get()
+        if self.empty() or frame.should_close:
+            return frame
+        frames = [frame]
+        size = len(frame.payload)
+        while not self.empty() and size < _WRITE_MAX_BYTES and not frame.should_close:
+            frame = self.get_nowait()
+            self.task_done()  # aiormq's writer marks the batch done once, for its first frame
+            frames.append(frame)
+            size += len(frame.payload)
+        return _Frames(frames)
+
+
 class _AmqpConnection(aiormq.Connection):
-    """aiormq's connection, telling ``on_blocked(reason)`` / ``on_unblocked()`` about the broker's alarms."""
+    """aiormq's connection, telling ``on_blocked(reason)`` / ``on_unblocked()`` about the broker's alarms, with
+    a write queue that coalesces frames into one socket write."""
 
     def __init__(
         self,
@@ -101,6 +158,7 @@ class _AmqpConnection(aiormq.Connection):
         **kwargs: Any,
     ) -> None:
         super().__init__(url, **kwargs)
+        self.write_queue = _CoalescingQueue(maxsize=_WRITE_QUEUE_FRAMES)
         self._on_blocked = on_blocked
         self._on_unblocked = on_unblocked
 

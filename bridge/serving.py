@@ -6,21 +6,26 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["bind", "serve_in_background"]
 
 _START_POLL_S = 0.01
 
 
-class _Server(uvicorn.Server):
+def _server(config: uvicorn.Config) -> uvicorn.Server:
     """A uvicorn server that leaves signal handling to its caller (uvicorn's would re-raise the signal on exit)."""
+    import uvicorn  # here, not at the top: the bridge's own run needs only bind(), and uvicorn costs its start
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield
+
+    return _Server(config)
 
 
 def bind(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
@@ -51,9 +56,11 @@ async def serve_in_background(app: Any, host: str, port: int, **options: Any) ->
     ``options`` go to :class:`uvicorn.Config`. Port 0 picks a free port. uvicorn's logging configuration is
     left alone (``log_config=None``) so it does not replace the process's JSON logging.
     """
+    import uvicorn
+
     sock = bind(host, port)
     config = uvicorn.Config(app, lifespan="off", log_config=None, log_level=None, access_log=False, **options)
-    server = _Server(config)
+    server = _server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http-{host}:{port}")
     try:
         while not server.started:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import string
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -40,6 +41,7 @@ __all__ = [
 
 V3_ALGORITHM = "ACS3-HMAC-SHA256"
 _FORM = "application/x-www-form-urlencoded"
+_UNRESERVED = string.ascii_letters + string.digits + "-_.~"
 
 
 class Credentials:
@@ -58,7 +60,8 @@ class Credentials:
 
 def percent_encode(value: str) -> str:
     """RFC 3986 encoding as Alibaba signs it: UTF-8, only ``A-Z a-z 0-9 - _ . ~`` kept (space is ``%20``)."""
-    return quote(value, safe="~")
+    # Most names and values (ids, numbers, dates) need no escape: one C-level scan tells, without quote()'s work.
+    return value if not value.rstrip(_UNRESERVED) else quote(value, safe="~")
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:
@@ -68,19 +71,33 @@ def canonical_query(params: Iterable[tuple[str, str]]) -> str:
 
 def request_params(request: httpx.Request) -> list[tuple[str, str]]:
     """Every parameter of a request: its query and, for a form body, the form fields."""
-    params = list(request.url.params.multi_items())
-    if request.headers.get("content-type", "").split(";")[0].strip() == _FORM:
-        params.extend(parse_qsl(request.content.decode("utf-8"), keep_blank_values=True))
-    return params
+    return list(request.url.params.multi_items()) + _form_params(request)
+
+
+def _form_params(request: httpx.Request) -> list[tuple[str, str]]:
+    if request.headers.get("content-type", "").split(";")[0].strip() != _FORM:
+        return []
+    return parse_qsl(request.content.decode("utf-8"), keep_blank_values=True)
 
 
 def v1_string_to_sign(method: str, params: Iterable[tuple[str, str]]) -> str:
-    return f"{method.upper()}&{percent_encode('/')}&{percent_encode(canonical_query(params))}"
+    return _v1_string_to_sign(method, canonical_query(params))
+
+
+def _v1_string_to_sign(method: str, canonical: str) -> str:
+    # percent_encode(canonical), done by hand: a canonical query holds only unreserved characters, escapes and
+    # the separators, so these three replacements are its whole encoding (and far cheaper on 5 KB of ids).
+    encoded = canonical.replace("%", "%25").replace("=", "%3D").replace("&", "%26")
+    return f"{method.upper()}&%2F&{encoded}"
 
 
 def sign_v1(secret: str, method: str, params: Iterable[tuple[str, str]]) -> str:
     """The V1 ``Signature`` of a request (``Signature`` itself must not be among ``params``)."""
-    digest = hmac.new(f"{secret}&".encode(), v1_string_to_sign(method, params).encode(), hashlib.sha1).digest()
+    return _v1_signature(secret, _v1_string_to_sign(method, canonical_query(params)))
+
+
+def _v1_signature(secret: str, string_to_sign: str) -> str:
+    digest = hmac.new(f"{secret}&".encode(), string_to_sign.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -98,9 +115,15 @@ def v3_canonical_request(
     body_sha256: str,
     path: str = "/",
 ) -> str:
+    return _v3_canonical_request(method, canonical_query(params), headers, signed, body_sha256, path)
+
+
+def _v3_canonical_request(
+    method: str, query: str, headers: Mapping[str, str], signed: list[str], body_sha256: str, path: str
+) -> str:
     lowered = {k.lower(): v for k, v in headers.items()}
     canonical_headers = "".join(f"{name}:{lowered[name].strip()}\n" for name in signed)
-    return "\n".join([method.upper(), path, canonical_query(params), canonical_headers, ";".join(signed), body_sha256])
+    return "\n".join([method.upper(), path, query, canonical_headers, ";".join(signed), body_sha256])
 
 
 def sign_v3(secret: str, canonical_request: str) -> str:
@@ -130,6 +153,20 @@ class _SigningAuth(httpx.Auth):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._credentials!r})"
 
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self.sign(request, request.url.params.multi_items())
+        yield request
+
+    def sign(self, request: httpx.Request, query: Sequence[tuple[str, str]]) -> None:
+        """Sign ``request`` in place: add the method's headers and give it the query string made of ``query``.
+
+        ``query`` stands for the request's query parameters, which :meth:`auth_flow` reads from its URL. A
+        caller that has them at hand passes them and leaves the request's URL without a query: the query
+        string is then encoded once and the URL parsed once (an acknowledgement's hundred ids make that
+        worth it), with the same bytes on the wire as through :meth:`auth_flow`.
+        """
+        raise NotImplementedError
+
 
 class SignatureV1Auth(_SigningAuth):
     """Adds the V1 common parameters (``Format`` included) and the HMAC-SHA1 ``Signature`` to the query.
@@ -142,7 +179,7 @@ class SignatureV1Auth(_SigningAuth):
         super().__init__(credentials, **options)
         self._format = response_format
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def sign(self, request: httpx.Request, query: Sequence[tuple[str, str]]) -> None:
         creds = self._credentials
         common = {
             "Format": self._format,
@@ -154,40 +191,49 @@ class SignatureV1Auth(_SigningAuth):
         }
         if creds.security_token is not None:
             common["SecurityToken"] = creds.security_token.get_secret_value()
-        query = [(k, v) for k, v in request.url.params.multi_items() if k not in common]
-        query.extend(common.items())
-        body_params = request_params(request)[len(request.url.params.multi_items()) :]
-        signature = sign_v1(creds.access_key_secret.get_secret_value(), request.method, query + body_params)
-        raw_query = f"{canonical_query(query)}&Signature={percent_encode(signature)}"
+        params = [(k, v) for k, v in query if k not in common]
+        params.extend(common.items())
+        canonical = canonical_query(params)
+        body_params = _form_params(request)
+        # The query string sent is the canonical one the signature covers, unless form fields are signed too.
+        signed = canonical_query(params + body_params) if body_params else canonical
+        secret = creds.access_key_secret.get_secret_value()
+        signature = _v1_signature(secret, _v1_string_to_sign(request.method, signed))
+        raw_query = f"{canonical}&Signature={percent_encode(signature)}"
         request.url = request.url.copy_with(query=raw_query.encode("ascii"))
-        yield request
 
 
 class SignatureV3Auth(_SigningAuth):
     """Signs with ``ACS3-HMAC-SHA256``; ``Action``/``Version`` move from the query into ``x-acs-*`` headers."""
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def sign(self, request: httpx.Request, query: Sequence[tuple[str, str]]) -> None:
         creds = self._credentials
-        params = request.url.params
-        query = [(k, v) for k, v in params.multi_items() if k not in ("Action", "Version")]
-        if "Action" in params:
-            request.headers["x-acs-action"] = params["Action"]
-        if "Version" in params:
-            request.headers["x-acs-version"] = params["Version"]
-        request.headers["x-acs-date"] = _utc_timestamp(self._clock())
-        request.headers["x-acs-signature-nonce"] = self._nonce()
+        headers = request.headers
+        params: list[tuple[str, str]] = []
+        identity: dict[str, str] = {}
+        for name, value in query:
+            if name == "Action" or name == "Version":
+                identity.setdefault(name, value)  # the first one, as a query parameter's lookup gives
+            else:
+                params.append((name, value))
+        if "Action" in identity:
+            headers["x-acs-action"] = identity["Action"]
+        if "Version" in identity:
+            headers["x-acs-version"] = identity["Version"]
+        headers["x-acs-date"] = _utc_timestamp(self._clock())
+        headers["x-acs-signature-nonce"] = self._nonce()
         body_sha256 = hashlib.sha256(request.content).hexdigest()
-        request.headers["x-acs-content-sha256"] = body_sha256
+        headers["x-acs-content-sha256"] = body_sha256
         # V3 has no Format parameter: the gateway answers XML unless the client asks for JSON.
-        request.headers["accept"] = "application/json"
+        headers["accept"] = "application/json"
         if creds.security_token is not None:
-            request.headers["x-acs-security-token"] = creds.security_token.get_secret_value()
-        request.url = request.url.copy_with(query=canonical_query(query).encode("ascii") or None)
-        headers = {k: v for k, v in request.headers.items()}
-        signed = v3_signed_headers(headers)
-        canonical = v3_canonical_request(request.method, query, headers, signed, body_sha256)
-        signature = sign_v3(creds.access_key_secret.get_secret_value(), canonical)
-        request.headers["authorization"] = (
+            headers["x-acs-security-token"] = creds.security_token.get_secret_value()
+        canonical = canonical_query(params)
+        request.url = request.url.copy_with(query=canonical.encode("ascii") or None)
+        plain = dict(headers.items())
+        signed = v3_signed_headers(plain)
+        canonical_request = _v3_canonical_request(request.method, canonical, plain, signed, body_sha256, "/")
+        signature = sign_v3(creds.access_key_secret.get_secret_value(), canonical_request)
+        headers["authorization"] = (
             f"{V3_ALGORITHM} Credential={creds.access_key_id},SignedHeaders={';'.join(signed)},Signature={signature}"
         )
-        yield request

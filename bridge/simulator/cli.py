@@ -6,9 +6,6 @@ import argparse
 import asyncio
 
 from bridge import argtypes
-from bridge.simulator.app import Simulator
-from bridge.simulator.faults import Faults
-from bridge.simulator.server import serve
 
 __all__ = ["add_parser", "run"]
 
@@ -45,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit code (0)."""
+    # Imported here: every command builds the parser (add_parser), only this one needs the simulator itself.
+    from bridge.simulator.app import Simulator
+    from bridge.simulator.faults import Faults
+    from bridge.simulator.server import serve
+
     faults = Faults(
         latency_s=args.latency_ms / 1000,
         unavailable_ratio=args.unavailable_ratio,
