@@ -201,15 +201,14 @@ class BridgeLoop:
             raise
         if drained:
             return await self._finish(self._settings.once_deadline_s, withdraw=False)
-        if self._deposed():
+        if self._lease is not None and self._deposed(self._lease):
             return await self._finish(min(DEPOSED_ACK_S, budget), withdraw=True)
         return await self._finish(budget, withdraw=True)
 
     # --- the election ---
-    def _deposed(self) -> bool:
-        """This loop held the lock, and the lock or the connection it lives on is gone (or being replaced)."""
-        lease = self._lease
-        return lease is not None and (lease.lost.is_set() or not self._publisher.connected)
+    def _deposed(self, lease: Lease) -> bool:
+        """The lock of ``lease``, or the connection it lives on, is gone (or being replaced)."""
+        return lease.lost.is_set() or not self._publisher.connected
 
     async def _elected(self, leadership: Leadership, stop: asyncio.Event, once: bool) -> bool:
         """Stand by, lead while the lock holds, stand by again when it is lost; until stopped (or drained)."""
@@ -221,7 +220,7 @@ class BridgeLoop:
                 continue
             async with lease:  # leaving it releases the lock: after the drain, on a clean stop
                 complete = await self._lead(lease, stop, once)
-                deposed = self._deposed()
+                deposed = self._deposed(lease)
             if stop.is_set() or not deposed:
                 return complete  # stopped (drained and acknowledged), or the --once drain is done
             self._new_term()

@@ -17,13 +17,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 
 from bridge.cli import EXIT_OK
+from bridge.errors import DeadlineExceeded
+from bridge.leadership import Leadership, lock_name
+from bridge.metrics import Metrics
 from bridge.simulator import Faults, Simulator, running
-from tests.faults_support import ScenarioQueues, scenario_queues, start_bridge
-from tests.harness import bridge_env, bridge_settings, eventually
+from tests.faults_support import ScenarioQueues, draining, scenario_queues, start_bridge
+from tests.harness import bridge_env, bridge_settings, eventually, run_once, sample
 
 pytestmark = pytest.mark.broker
 
@@ -249,3 +253,71 @@ async def test_sigterm_of_the_leader_mid_drain(queues: ScenarioQueues, tmp_path:
     assert not sampler.two_leaders
     result = await queues.tally(sim, details)
     assert (result.lost, result.unacknowledged, result.misrouted, result.duplicates) == (0, 0, 0, 0), result
+
+
+# --- one process: the election's effect on the loop --------------------------------------------------------
+
+
+async def test_deposed_leader_publishes_nothing_new_stands_by_and_takes_over_again(queues: ScenarioQueues) -> None:
+    # Deleting the lock queue makes the broker cancel the leader's consumer: the lease is lost while the
+    # connection stays up. The loop ends its term (queued details withdrawn, confirmed ones acknowledged), drops
+    # its state, stands by, and, being alone, takes the lock again and finishes the drain.
+    details = 5000
+    sim = Simulator(tasks=details, seed=133, faults=Faults(latency_s=0.01))
+    metrics = Metrics()
+    settings = bridge_settings(queues.exchange, queues.amqp_url, page_size=PAGE, max_in_flight=WINDOW)
+    leader = metrics.leadership.leader.labels("default")
+    async with draining(settings, sim, metrics) as drain:
+        await eventually(lambda: sim.acknowledged_count >= details // 5, timeout_s=30, what="drain under way")
+        assert drain.app.loop is not None and drain.app.loop.leading
+        async with await aio_pika.connect(queues.amqp_url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(lock_name(queues.exchange, "default"))
+        await eventually(lambda: leader._value.get() == 0, timeout_s=5, what="lost leadership")
+        pending_when_deposed = sim.pending_count
+        complete = await drain.finished()
+    result = await queues.tally(sim, details)
+    transitions = {
+        role: sample(metrics, "bridge_leader_transitions_total", account="default", role=role)
+        for role in ("leader", "idle")
+    }
+    assert pending_when_deposed > 0, "the lock should go mid-drain"
+    assert complete
+    assert sim.pending_count == 0
+    assert transitions["leader"] >= 2 and transitions["idle"] >= 1, transitions
+    assert (result.lost, result.unacknowledged, result.misrouted) == (0, 0, 0), result
+    assert result.duplicates <= OUTSTANDING_MAX, result
+
+
+async def test_once_stands_by_while_another_process_leads_then_gives_up(queues: ScenarioQueues) -> None:
+    sim = Simulator(tasks=50, seed=134)
+    settings = bridge_settings(queues.exchange, queues.amqp_url, once_deadline_s=1.5)
+    async with await aio_pika.connect(queues.amqp_url) as connection:
+        holder = Leadership("default", queues.exchange, Metrics().leadership)
+        lease = await holder.acquire(connection, asyncio.Event())
+        assert lease is not None
+        async with lease:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="another process leads account default"):
+                await run_once(settings, sim)
+            waited_s = time.monotonic() - started
+        assert sum(sim.polls_by_page.values()) == 0, "a standby never polls"
+        # Once the holder released the lock, the next --once run takes it and drains.
+        assert await run_once(settings, sim)
+    assert 1.5 <= waited_s < 10
+    assert sim.pending_count == 0
+
+
+async def test_without_election_the_process_polls_alone_and_says_it_leads(queues: ScenarioQueues) -> None:
+    sim = Simulator(tasks=300, seed=135)
+    metrics = Metrics()
+    settings = bridge_settings(queues.exchange, queues.amqp_url, leader_election=False)
+    async with draining(settings, sim, metrics) as drain:
+        await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="delivery")
+        during = sample(metrics, "bridge_leader", account="default")
+        assert drain.app.loop is not None and drain.app.loop.role() is None
+        assert await drain.finished()
+    assert during == 1
+    assert sample(metrics, "bridge_leader", account="default") == 0
+    assert sample(metrics, "bridge_leader_transitions_total", account="default", role="leader") == 0
+    assert sim.pending_count == 0
