@@ -71,7 +71,7 @@ class App:
             upstream = UpstreamClient(http, settings, metrics=self.metrics)
             publisher = Publisher(settings, self.metrics)
             stack.push_async_callback(publisher.close)
-            leadership = self._leadership(stack)
+            leadership = self._leadership(stack, publisher)
             loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics, leadership=leadership)
             routes = operator_routes(self.metrics, loop.not_ready_reason, loop.role)
             self.metrics_port = await _open_operator_port(stack, settings, routes, self.metrics)
@@ -90,7 +90,7 @@ class App:
             self.started.set()
             return await loop.run(stop, once=once)
 
-    def _leadership(self, stack: AsyncExitStack) -> Leadership | None:
+    def _leadership(self, stack: AsyncExitStack, publisher: Publisher) -> Leadership | None:
         """The account's election; without one (``BRIDGE_LEADER_ELECTION=false``) this process is the only poller.
 
         Without an election ``bridge_leader`` is 1 while the process runs, so the "no leader" and "two leaders"
@@ -98,7 +98,10 @@ class App:
         """
         settings, metrics = self.settings, self.metrics.leadership
         if settings.leader_election:
-            return Leadership(settings.account, settings.exchange, metrics)
+            # While the broker blocks the publisher's connection it keeps the lock; the lease check knows.
+            return Leadership(
+                settings.account, settings.exchange, metrics, blocked=lambda: publisher.blocked_reason is not None
+            )
         gauge = metrics.leader.labels(settings.account)
         gauge.set(1)
         stack.callback(gauge.set, 0)
