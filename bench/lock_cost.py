@@ -2,9 +2,10 @@
 
     python bench/lock_cost.py [--details 20000] [--runs 3]
 
-One replica, the same machine and broker, the same backlog; the runs alternate in ABBA order (on, off, off, on,
-...) so a machine that gets busier or quieter, and whatever the first run of a pair pays, affects both alike. Each drain counts only when every detail arrived exactly
-once (``_drain.drain``'s checks). Prints each run and the ratio of the medians, with the spread of each side.
+One replica, the same machine and broker, the same backlog; the runs alternate in ABBA order (on, off, off,
+on, ...) so a machine that gets busier or quieter, and whatever the first run of a pair pays, affects both alike.
+Each drain counts only when every detail arrived exactly once (``_drain.drain``'s checks). Prints each run and
+the ratio of the medians, with the spread of each side.
 """
 
 from __future__ import annotations
