@@ -146,8 +146,7 @@ class Lease:
             self._closing = asyncio.create_task(self._close_channel())
 
     async def _close_channel(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+        await _close_quietly(self._channel)
 
     async def _probe(self, probe_interval_s: float, max_silence_s: float) -> None:
         """A round trip on the lock's channel every interval; the lease ends when none succeeded for too long."""
@@ -307,6 +306,13 @@ class Leadership:
             raise BrokerError(f"lock queue {self.lock_name!r} exists with other arguments: {_describe(exc)}") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             reason = "the lock queue went away between declare and consume"
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            # aiormq re-raises the CancelledError that ended its reader when the connection dies under a call.
+            if _gone(connection):
+                raise BrokerUnavailableError("broker connection closed while standing by") from None
+            reason = "lock attempt failed (its call was cancelled by the connection)"
         except _BROKEN as exc:
             if _gone(connection):
                 raise BrokerUnavailableError(f"broker connection closed while standing by: {_describe(exc)}") from None
@@ -342,8 +348,24 @@ class Leadership:
     async def _close_standby_channel(self) -> None:
         channel, self._standby_channel = self._standby_channel, None
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+            await _close_quietly(channel)
+
+
+def _cancelled_here() -> bool:
+    """Whether the current task is being cancelled, as opposed to aiormq re-raising a CancelledError of its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    """Close ``channel`` within a bound; a failure to close a channel of a dying connection is no news."""
+    try:
+        await asyncio.wait_for(channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+    except asyncio.CancelledError:
+        if _cancelled_here():
+            raise
+    except Exception:  # the connection is closing anyway
+        pass
 
 
 def _gone(connection: AbstractConnection) -> bool:

@@ -77,6 +77,8 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     tls = _tls_problem(exc, settings)
     if tls is not None:
         return tls
+    if isinstance(exc, errors.AMQPConnectionError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # bridge.amqp wraps the socket's error (refused, unreachable): the broker is not there
     if isinstance(exc, errors.ProbableAuthenticationError | errors.AuthenticationError):
         return BrokerRefusedError(
             f"the broker at {where} refused the login of user {user!r} ({_reply(exc)}): "
