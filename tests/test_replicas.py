@@ -28,7 +28,7 @@ from bridge.leadership import Leadership, lock_name
 from bridge.metrics import Metrics
 from bridge.simulator import Faults, Simulator, running
 from tests.faults_support import ScenarioQueues, draining, scenario_queues, start_bridge
-from tests.harness import bridge_env, bridge_settings, eventually, run_once, sample
+from tests.harness import bridge_env, bridge_settings, eventually, run_once, running_bridge, sample
 
 pytestmark = pytest.mark.broker
 
@@ -327,14 +327,16 @@ async def test_once_stands_by_while_another_process_leads_then_gives_up(queues: 
 
 async def test_without_election_the_process_polls_alone_and_says_it_leads(queues: ScenarioQueues) -> None:
     sim = Simulator(tasks=300, seed=135)
-    metrics = Metrics()
     settings = bridge_settings(queues.exchange, queues.amqp_url, leader_election=False)
-    async with draining(settings, sim, metrics) as drain:
-        await eventually(lambda: sim.acknowledged_count > 0, timeout_s=20, what="delivery")
+    async with running_bridge(settings, sim) as (app, _stop):
+        await eventually(lambda: sim.pending_count == 0, timeout_s=20, what="drained")
+        metrics = app.metrics
         during = sample(metrics, "bridge_leader", account="default")
-        assert drain.app.loop is not None and drain.app.loop.role() is None
-        assert await drain.finished()
+        assert app.loop is not None and app.loop.role() is None
+        async with await aio_pika.connect(queues.amqp_url) as connection:
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # no lock was taken
+                await channel.declare_queue(lock_name(queues.exchange, "default"), passive=True)
     assert during == 1
     assert sample(metrics, "bridge_leader", account="default") == 0
     assert sample(metrics, "bridge_leader_transitions_total", account="default", role="leader") == 0
-    assert sim.pending_count == 0
