@@ -77,6 +77,7 @@ class BridgeLoop:
         self._metrics = metrics
         self._leadership = leadership
         self._lease: Lease | None = None  # the lock while this loop leads
+        self._stop: asyncio.Event | None = None  # the run's stop request
         self.progress = Progress()
         self._pacing = policy.Pacing(page_size=settings.page_size, read_ahead=settings.read_ahead)
         self._group: asyncio.TaskGroup | None = None
@@ -160,6 +161,7 @@ class BridgeLoop:
         :class:`BridgeError` (:class:`FatalUpstreamError`, :class:`BrokerError`, :class:`DeadlineExceeded`, ...)
         when it cannot go on, after every task of the run has ended.
         """
+        self._stop = stop
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -372,13 +374,17 @@ class BridgeLoop:
         queue, ledger = self._queue, self.ledger
         while True:
             record, token = await queue.get()
-            lease = self._lease
-            if lease is not None and lease.lost.is_set():
-                # No longer the leader: nothing new goes out; the next leader polls it.
+            if self._publishing_ended():
+                # Stopping, or no longer the leader: nothing new goes out; it stays upstream for the next poller.
                 assert record.detail_no is not None
                 ledger.withdrawn(record.detail_no)
                 continue
             await self._publish(record, token)
+
+    def _publishing_ended(self) -> bool:
+        """A stop was asked for, or the lock was lost: queued details are withdrawn, not published."""
+        lease, stop = self._lease, self._stop
+        return (stop is not None and stop.is_set()) or (lease is not None and lease.lost.is_set())
 
     async def _publish(self, record: RawRecord, token: int) -> None:
         detail_no = record.detail_no
