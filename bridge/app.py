@@ -18,6 +18,7 @@ import httpx
 
 from bridge.errors import OperatorPortError
 from bridge.health import operator_routes
+from bridge.leadership import Leadership
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
 from bridge.operator_port import Handler, serve_operator_port
@@ -70,10 +71,10 @@ class App:
             upstream = UpstreamClient(http, settings, metrics=self.metrics)
             publisher = Publisher(settings, self.metrics)
             stack.push_async_callback(publisher.close)
-            loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics)
-            self.metrics_port = await _open_operator_port(
-                stack, settings, operator_routes(self.metrics, loop.not_ready_reason), self.metrics
-            )
+            leadership = self._leadership(stack, publisher)
+            loop = self.loop = BridgeLoop(settings, upstream, publisher, self.metrics, leadership=leadership)
+            routes = operator_routes(self.metrics, loop.not_ready_reason, loop.role)
+            self.metrics_port = await _open_operator_port(stack, settings, routes, self.metrics)
             log.info(
                 "task-bridge started",
                 extra={
@@ -82,10 +83,29 @@ class App:
                     "exchange": settings.exchange,
                     "metrics_port": self.metrics_port,
                     "once": once,
+                    "account": settings.account,
+                    "leader_election": settings.leader_election,
                 },
             )
             self.started.set()
             return await loop.run(stop, once=once)
+
+    def _leadership(self, stack: AsyncExitStack, publisher: Publisher) -> Leadership | None:
+        """The account's election; without one (``BRIDGE_LEADER_ELECTION=false``) this process is the only poller.
+
+        Without an election ``bridge_leader`` is 1 while the process runs, so the "no leader" and "two leaders"
+        alerts hold for a deployment that opted out too.
+        """
+        settings, metrics = self.settings, self.metrics.leadership
+        if settings.leader_election:
+            # While the broker blocks the publisher's connection it keeps the lock; the lease check knows.
+            return Leadership(
+                settings.account, settings.exchange, metrics, blocked=lambda: publisher.blocked_reason is not None
+            )
+        gauge = metrics.leader.labels(settings.account)
+        gauge.set(1)
+        stack.callback(gauge.set, 0)
+        return None
 
 
 async def _open_operator_port(stack: AsyncExitStack, settings: Settings, handler: Handler, metrics: Metrics) -> int:

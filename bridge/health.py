@@ -87,8 +87,18 @@ class _Exposition:
         return response
 
 
-def operator_routes(metrics: Metrics, not_ready: Callable[[], str | None]) -> Handler:
-    """The answer to one request; ``not_ready`` (None when ready, else why not) is asked per ``/readyz``."""
+def _no_role() -> str | None:
+    return None
+
+
+def operator_routes(
+    metrics: Metrics, not_ready: Callable[[], str | None], role: Callable[[], str | None] = _no_role
+) -> Handler:
+    """The answer to one request; ``not_ready`` (None when ready, else why not) is asked per ``/readyz``.
+
+    ``role`` (``"standby for account default"``, or None) goes into the body of a ready answer, so a standby
+    replica's 200 says what it is doing.
+    """
 
     exposition = _Exposition(metrics)
 
@@ -101,7 +111,10 @@ def operator_routes(metrics: Metrics, not_ready: Callable[[], str | None]) -> Ha
             return _text(200, "ok\n")
         if request.path == "/readyz":
             reason = not_ready()
-            return _text(200, "ready\n") if reason is None else _text(503, f"not ready: {reason}\n")
+            if reason is not None:
+                return _text(503, f"not ready: {reason}\n")
+            described = role()
+            return _text(200, f"ready: {described}\n" if described else "ready\n")
         return _text(404, "not found\n")
 
     return handle

@@ -28,9 +28,10 @@ import contextlib
 import logging
 import random
 import re
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -41,6 +42,8 @@ from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableErro
 __all__ = ["Leadership", "LeadershipMetrics", "Lease", "Role", "lock_name"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Classic on purpose: RabbitMQ 3.10 accepts a second exclusive consumer on a quorum queue without complaint, so a
 # vhost whose default queue type is quorum would silently allow two leaders. Non-durable and auto-delete: the lock
@@ -53,6 +56,8 @@ _DEFAULT_HEARTBEAT_S = 60.0
 # intervals after the last byte it read; 1.5 leaves half an interval for the probe's own timing.
 _SILENCE_PER_HEARTBEAT = 1.5
 _CHANNEL_CLOSE_TIMEOUT_S = 2.0
+# How often a probe waiting for its answer looks whether the broker blocks the connection meanwhile.
+_BLOCK_CHECK_S = 0.25
 _BROKEN = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 
@@ -105,12 +110,14 @@ class Lease:
         self.lost = asyncio.Event()
         self.reason: str | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._blocked: Callable[[], bool] = _never
         self._closing: asyncio.Task[None] | None = None
 
-    def _start(self, probe_interval_s: float, max_silence_s: float) -> None:
+    def _start(self, probe_interval_s: float, max_silence_s: float, blocked: Callable[[], bool]) -> None:
         self._connection.close_callbacks.add(self._on_connection_close)
         self._channel.close_callbacks.add(self._on_channel_close)
         self._amqp.on_consumer_cancel_callbacks.add(self._on_cancel)
+        self._blocked = blocked
         self._watch = asyncio.create_task(self._probe(probe_interval_s, max_silence_s))
         if _gone(self._connection) or self._channel.is_closed:  # closed before the callbacks were in place
             self._lose("lock channel closed while taking the lock")
@@ -139,8 +146,7 @@ class Lease:
             self._closing = asyncio.create_task(self._close_channel())
 
     async def _close_channel(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+        await _close_quietly(self._channel)
 
     async def _probe(self, probe_interval_s: float, max_silence_s: float) -> None:
         """A round trip on the lock's channel every interval; the lease ends when none succeeded for too long."""
@@ -150,11 +156,17 @@ class Lease:
         while True:
             await asyncio.sleep(probe_interval_s)
             sent_at = loop.time()
+            if self._blocked():
+                # The broker blocks this connection (a resource alarm): it reads nothing from it, and it counts no
+                # missed heartbeat either, so it keeps the lock. The silence of a block does not count.
+                confirmed_at = sent_at
+                continue
             try:
                 # The broker read this declare at or after sent_at, so it cannot free the lock before
                 # sent_at plus its heartbeat timeout: the lease runs from the send time, not the answer's.
-                async with asyncio.timeout(max(0.0, confirmed_at + max_silence_s - sent_at)):
-                    declared = await self._amqp.queue_declare(name, passive=True)
+                declared = await self._answer(
+                    self._amqp.queue_declare(name, passive=True), confirmed_at + max_silence_s, max_silence_s
+                )
             except TimeoutError:
                 self._lose(f"no answer from the broker for {max_silence_s:.1f} s")
                 return
@@ -165,6 +177,23 @@ class Lease:
                 self._lose("the lock queue has no consumer")
                 return
             confirmed_at = sent_at
+
+    async def _answer(self, request: Awaitable[T], deadline: float, max_silence_s: float) -> T:
+        """``await request`` until the loop time ``deadline``, which a block of the connection pushes back."""
+        loop = asyncio.get_running_loop()
+        answer = asyncio.ensure_future(request)
+        try:
+            while not answer.done():
+                now = loop.time()
+                if self._blocked():
+                    deadline = max(deadline, now + max_silence_s)  # the block's silence does not count
+                if now >= deadline:
+                    raise TimeoutError
+                await asyncio.wait([answer], timeout=min(_BLOCK_CHECK_S, deadline - now))
+        finally:
+            if not answer.done():
+                answer.cancel()
+        return answer.result()
 
     async def release(self) -> None:
         """Give the lock up (a clean stop): a standby takes it at its next retry. Idempotent."""
@@ -199,9 +228,11 @@ class Leadership:
         max_silence_s: float | None = None,
         attempt_timeout_s: float = 5.0,
         rng: random.Random | None = None,
+        blocked: Callable[[], bool] | None = None,
     ) -> None:
         """``retry_interval_s`` bounds a standby's uniformly drawn wait between attempts. ``max_silence_s``
-        defaults to 1.5 heartbeat intervals of the connection the lock is taken on."""
+        defaults to 1.5 heartbeat intervals of the connection the lock is taken on. ``blocked`` says whether the
+        broker blocks that connection now (a resource alarm): the lease check does not count that silence."""
         if not _ACCOUNT.fullmatch(account):
             raise ValueError(f"account name must match [a-z0-9-]+, got {account!r}")
         self.account = account
@@ -211,6 +242,7 @@ class Leadership:
         self._max_silence_s = max_silence_s
         self._attempt_timeout_s = attempt_timeout_s
         self._rng = rng or random.Random()
+        self._blocked = blocked or _never
         self._gauge = metrics.leader.labels(account)
         self._transitions = metrics.transitions
         self._gauge.set(0)
@@ -274,6 +306,13 @@ class Leadership:
             raise BrokerError(f"lock queue {self.lock_name!r} exists with other arguments: {_describe(exc)}") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             reason = "the lock queue went away between declare and consume"
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            # aiormq re-raises the CancelledError that ended its reader when the connection dies under a call.
+            if _gone(connection):
+                raise BrokerUnavailableError("broker connection closed while standing by") from None
+            reason = "lock attempt failed (its call was cancelled by the connection)"
         except _BROKEN as exc:
             if _gone(connection):
                 raise BrokerUnavailableError(f"broker connection closed while standing by: {_describe(exc)}") from None
@@ -297,7 +336,7 @@ class Leadership:
         self._standby_channel = None
         lease = Lease(self, connection, channel, amqp)
         self._enter(Role.LEADER, "became leader", "the lock was free")
-        lease._start(self._probe_interval_s, self._silence_limit(connection))
+        lease._start(self._probe_interval_s, self._silence_limit(connection), self._blocked)
         return lease
 
     def _silence_limit(self, connection: AbstractConnection) -> float:
@@ -309,14 +348,34 @@ class Leadership:
     async def _close_standby_channel(self) -> None:
         channel, self._standby_channel = self._standby_channel, None
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+            await _close_quietly(channel)
+
+
+def _cancelled_here() -> bool:
+    """Whether the current task is being cancelled, as opposed to aiormq re-raising a CancelledError of its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    """Close ``channel`` within a bound; a failure to close a channel of a dying connection is no news."""
+    try:
+        await asyncio.wait_for(channel.close(), _CHANNEL_CLOSE_TIMEOUT_S)
+    except asyncio.CancelledError:
+        if _cancelled_here():
+            raise
+    except Exception:  # the connection is closing anyway
+        pass
 
 
 def _gone(connection: AbstractConnection) -> bool:
     # is_closed turns true only once close() was called; a connection the broker or the network ended says so by
     # clearing ``connected``.
     return connection.is_closed or not connection.connected.is_set()
+
+
+def _never() -> bool:
+    return False
 
 
 async def _discard(_message: Any) -> None:

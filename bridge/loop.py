@@ -8,6 +8,12 @@ calls) belongs to one task group, and :meth:`BridgeLoop.run` raises one :class:`
 Retries live here: upstream errors back off exponentially with jitter (honouring throttling hints),
 publish failures back off before the next poll, a lost broker connection is re-opened with backoff while
 nothing new is published. Fatal upstream errors propagate and stop the process.
+
+With a :class:`~bridge.leadership.Leadership`, the loop polls only while it holds the account's lock (a *term*):
+it stands by until it gets the lock, and a term ends on a stop (drain, then release the lock), on the end of the
+``--once`` drain, or when the lock or the broker connection is lost (nothing new is published, what was
+confirmed is acknowledged within :data:`DEPOSED_ACK_S`, the rest of the term's state is dropped, and the loop
+stands by again). ``docs/leadership.md`` describes it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from bridge.errors import (
     ThrottledError,
 )
 from bridge.events import InvalidRecord, convert
+from bridge.leadership import Leadership, Lease
 from bridge.ledger import Ledger, Progress
 from bridge.metrics import Metrics
 from bridge.policy import After
@@ -39,9 +46,14 @@ from bridge.records import RawRecord
 from bridge.settings import Settings
 from bridge.upstream import Page, UpstreamClient
 
-__all__ = ["BridgeLoop", "DeadlineExceeded", "Progress"]
+__all__ = ["DEPOSED_ACK_S", "BridgeLoop", "DeadlineExceeded", "Progress"]
 
 log = logging.getLogger(__name__)
+
+# How long a leader that lost its lock (or its connection) goes on acknowledging what the broker already
+# confirmed: safe (the events are stored), and each one is a duplicate fewer for the next leader; short, since
+# the next leader is polling meanwhile.
+DEPOSED_ACK_S = 5.0
 
 T = TypeVar("T")
 
@@ -55,30 +67,41 @@ class BridgeLoop:
         upstream: UpstreamClient,
         publisher: Publisher,
         metrics: Metrics,
+        *,
+        leadership: Leadership | None = None,
     ) -> None:
+        """With ``leadership``, the loop polls only while it holds that account's lock (see the module docstring)."""
         self._settings = settings
         self._upstream = upstream
         self._publisher = publisher
         self._metrics = metrics
+        self._leadership = leadership
+        self._lease: Lease | None = None  # the lock while this loop leads
+        self._stop: asyncio.Event | None = None  # the run's stop request
         self.progress = Progress()
-        self.ledger = Ledger(
-            metrics, ack_memory=settings.ack_memory, batch_size=settings.ack_batch_size, progress=self.progress
-        )
-        self.acknowledger = Acknowledger(upstream, settings, metrics, self.ledger)
         self._pacing = policy.Pacing(page_size=settings.page_size, read_ahead=settings.read_ahead)
-        # (record, poll token): details to publish, taken by the publisher tasks in order
-        self._queue: asyncio.Queue[tuple[RawRecord, int]] = asyncio.Queue()
         self._group: asyncio.TaskGroup | None = None
-        self._rounds: dict[int, list[int]] = {}  # poll token -> [publishes not yet answered, failures]
-        self._clean_round = 0  # the latest poll whose publishes were all confirmed
-        self._failed_round = 0  # the latest poll of which a publish was not confirmed
-        self._publish_failures = 0
-        self._publish_acks = 0
+        self._new_term()
         self._upstream_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._broker_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._upstream_down_since: float | None = None
         self._broker_down_since: float | None = None
         self._ever_connected = False
+
+    def _new_term(self) -> None:
+        """Fresh state for a term: what a deposed leader held is the next leader's to poll again."""
+        settings = self._settings
+        self.ledger = Ledger(
+            self._metrics, ack_memory=settings.ack_memory, batch_size=settings.ack_batch_size, progress=self.progress
+        )
+        self.acknowledger = Acknowledger(self._upstream, settings, self._metrics, self.ledger)
+        # (record, poll token): details to publish, taken by the publisher tasks in order
+        self._queue: asyncio.Queue[tuple[RawRecord, int]] = asyncio.Queue()
+        self._rounds: dict[int, list[int]] = {}  # poll token -> [publishes not yet answered, failures]
+        self._clean_round = 0  # the latest poll whose publishes were all confirmed
+        self._failed_round = 0  # the latest poll of which a publish was not confirmed
+        self._publish_failures = 0
+        self._publish_acks = 0
         self.last_poll_ok: float | None = None  # monotonic time of the last successful poll
         self._page_one_at = float("-inf")  # monotonic time of the last poll of page 1
         self._page_one_blocked = False  # the last page 1 was full of records without a usable TaskDetailNo
@@ -97,6 +120,8 @@ class BridgeLoop:
             return f"broker: blocked publishing ({publisher.blocked_reason})"
         if (refused := publisher.refused_reason) is not None:
             return f"broker: publishes {refused}"
+        if self._leadership is not None and not self.leading:
+            return None  # a standby polls nothing: connected, it is ready to take over
         last = self.last_poll_ok
         if last is None:
             return "upstream: no successful poll yet"
@@ -104,6 +129,18 @@ class BridgeLoop:
         if age > self._settings.ready_max_poll_age_s:
             return f"upstream: last successful poll {age:.0f}s ago (limit {self._settings.ready_max_poll_age_s:g}s)"
         return None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this loop holds its account's lock now (always False without an election)."""
+        lease = self._lease
+        return lease is not None and not lease.lost.is_set()
+
+    def role(self) -> str | None:
+        """``leader for account A`` or ``standby for account A`` (for ``/readyz``'s body); None without an election."""
+        if self._leadership is None:
+            return None
+        return f"{'leader' if self.leading else 'standby'} for account {self._leadership.account}"
 
     @property
     def outstanding(self) -> int:
@@ -124,43 +161,116 @@ class BridgeLoop:
         :class:`BridgeError` (:class:`FatalUpstreamError`, :class:`BrokerError`, :class:`DeadlineExceeded`, ...)
         when it cannot go on, after every task of the run has ended.
         """
+        self._stop = stop
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                workers = [group.create_task(self.acknowledger.run(), name="bridge-acknowledger")]
-                workers += [
-                    group.create_task(self._publishing(), name="bridge-publisher")
-                    for _ in range(self._settings.max_in_flight)
-                ]
-                try:
-                    return await self._drive(stop, once)
-                finally:
-                    for task in workers:
-                        task.cancel()
+                if self._leadership is None:
+                    return await self._term(stop, once)
+                return await self._elected(self._leadership, stop, once)
         except BaseExceptionGroup as failure:
             raise _one_error(failure) from None
         finally:
             self._group = None
 
+    async def _term(self, stop: asyncio.Event, once: bool) -> bool:
+        """Poll, publish and acknowledge with this term's workers until ``stop`` (or drained, or deposed)."""
+        group = self._group
+        assert group is not None
+        workers = [group.create_task(self.acknowledger.run(), name="bridge-acknowledger")]
+        workers += [
+            group.create_task(self._publishing(), name="bridge-publisher") for _ in range(self._settings.max_in_flight)
+        ]
+        try:
+            return await self._drive(stop, once)
+        finally:
+            for task in workers:
+                task.cancel()
+            if self._leadership is not None:
+                # The next term's ledger must see nothing of this term's workers.
+                await asyncio.wait(workers)
+
     async def _drive(self, stop: asyncio.Event, once: bool) -> bool:
         # A drained --once run may keep retrying acknowledgements until its deadline; a stop request or an error
-        # gets the shutdown budget.
+        # gets the shutdown budget; a deposed leader acknowledges what is confirmed for a short while.
         budget = self._settings.shutdown_timeout_s
         try:
-            await self._poll_loop(stop, once)
+            drained = await self._poll_loop(stop, once)
         except asyncio.CancelledError:
             raise  # the task group is failing (the acknowledger stopped): nothing more to wait for
         except BaseException:
             await self._finish(budget, withdraw=True)
             raise
-        if once and not stop.is_set():
+        if drained:
             return await self._finish(self._settings.once_deadline_s, withdraw=False)
+        if self._lease is not None and self._deposed(self._lease):
+            return await self._finish(min(DEPOSED_ACK_S, budget), withdraw=True)
         return await self._finish(budget, withdraw=True)
 
-    async def _poll_loop(self, stop: asyncio.Event, once: bool) -> None:
-        """Poll, take the page in, do what the policy says; until stopped (or drained, with ``once``)."""
+    # --- the election ---
+    def _deposed(self, lease: Lease) -> bool:
+        """The lock of ``lease``, or the connection it lives on, is gone (or being replaced)."""
+        return lease.lost.is_set() or not self._publisher.connected
+
+    async def _elected(self, leadership: Leadership, stop: asyncio.Event, once: bool) -> bool:
+        """Stand by, lead while the lock holds, stand by again when it is lost; until stopped (or drained)."""
+        complete = True
+        standing_by_since = time.monotonic()
+        while not stop.is_set():
+            lease = await self._stand_by(leadership, stop, once, standing_by_since)
+            if lease is None:
+                continue
+            async with lease:  # leaving it releases the lock: after the drain, on a clean stop
+                complete = await self._lead(lease, stop, once)
+                deposed = self._deposed(lease)
+            if stop.is_set() or not deposed:
+                return complete  # stopped (drained and acknowledged), or the --once drain is done
+            self._new_term()
+            standing_by_since = time.monotonic()
+        return complete
+
+    async def _stand_by(self, leadership: Leadership, stop: asyncio.Event, once: bool, since: float) -> Lease | None:
+        """The lock, once this process gets it; None when stopped or when the connection must be reopened first.
+
+        A ``--once`` run stands by until its deadline, then fails naming the lock: a run started while another
+        process leads (the previous run finishing, a running deployment) goes next instead of failing at once.
+        """
+        connection = self._publisher.connection
+        if connection is None:
+            await self._reconnect(stop, once)
+            return None
+        deadline = since + self._settings.once_deadline_s if once else None
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                return await leadership.acquire(connection, stop)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"gave up after {self._settings.once_deadline_s:g}s: another process leads account "
+                f"{leadership.account} (lock {leadership.lock_name})"
+            ) from None
+        except BrokerUnavailableError:
+            await self._publisher.close()  # reopened, with backoff, on the next round
+            return None
+
+    async def _lead(self, lease: Lease, stop: asyncio.Event, once: bool) -> bool:
+        """One term: poll, publish and acknowledge until stopped, drained, or the lock or its connection is lost."""
+        group = self._group
+        assert group is not None
+        ended = asyncio.Event()
+        watcher = group.create_task(_set_on_either(stop, lease.lost, ended), name="bridge-lease-watch")
+        self._lease = lease
+        try:
+            return await self._term(ended, once)
+        finally:
+            watcher.cancel()
+            self._lease = None
+
+    async def _poll_loop(self, stop: asyncio.Event, once: bool) -> bool:
+        """Poll, take the page in, do what the policy says; until stopped (or deposed). True once drained (``once``)."""
         while not stop.is_set():
             if not self._publisher.connected:
+                if self._lease is not None:
+                    return False  # the lock lives on that connection: this term ends with it
                 await self._reconnect(stop, once)
                 continue
             await self._pause_after_publish_failures(stop, once)
@@ -181,8 +291,9 @@ class BridgeLoop:
             self._page_one_blocked = blocked or (step is After.READ_AHEAD and page_num == 1)
             if step is After.DRAINED:
                 log.info("backlog drained")
-                return
+                return True
             await self._carry_out(step, stop)
+        return False
 
     async def _carry_out(self, step: After, stop: asyncio.Event) -> None:
         ledger, counts, pacing = self.ledger, self._counts, self._pacing
@@ -260,10 +371,20 @@ class BridgeLoop:
 
     async def _publishing(self) -> None:
         """One publisher task: publish queued details one at a time (there are ``max_in_flight`` of them)."""
-        queue = self._queue
+        queue, ledger = self._queue, self.ledger
         while True:
             record, token = await queue.get()
+            if self._publishing_ended():
+                # Stopping, or no longer the leader: nothing new goes out; it stays upstream for the next poller.
+                assert record.detail_no is not None
+                ledger.withdrawn(record.detail_no)
+                continue
             await self._publish(record, token)
+
+    def _publishing_ended(self) -> bool:
+        """A stop was asked for, or the lock was lost: queued details are withdrawn, not published."""
+        lease, stop = self._lease, self._stop
+        return (stop is not None and stop.is_set()) or (lease is not None and lease.lost.is_set())
 
     async def _publish(self, record: RawRecord, token: int) -> None:
         detail_no = record.detail_no
@@ -439,6 +560,24 @@ class BridgeLoop:
         if error is not None:
             raise error
         return result
+
+
+async def _set_on_either(first: asyncio.Event, second: asyncio.Event, target: asyncio.Event) -> None:
+    """Set ``target`` once ``first`` or ``second`` is set."""
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    target.set()
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """A ``time.monotonic()`` deadline on the event loop's clock (for ``asyncio.timeout_at``)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + deadline - time.monotonic()
 
 
 async def _captured(work: Awaitable[T]) -> tuple[T | None, Exception | None]:

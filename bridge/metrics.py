@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from bridge import __version__
+from bridge.leadership import LeadershipMetrics
 
 __all__ = [
     "ACK_OUTCOMES",
@@ -41,6 +42,8 @@ class Metrics:
         PlatformCollector(registry=r)
         self.info = Info("bridge", "task-bridge build information.", registry=r)
         self.info.info({"version": __version__})
+        # bridge_leader{account} and bridge_leader_transitions_total{account, role}: one set, shared by the accounts.
+        self.leadership = LeadershipMetrics(r)
         self.polls = Counter("bridge_polls", "PollTaskResult pages requested, by outcome.", ["outcome"], registry=r)
         self.upstream_requests = Counter(
             "bridge_upstream_requests",

@@ -106,6 +106,11 @@ class Publisher:
         return self._in_flight
 
     @property
+    def connection(self) -> BrokerConnection | None:
+        """The open broker connection (the leader lock lives on it, so both end together), else None."""
+        return self._connection if self._connected else None
+
+    @property
     def last_refusal(self) -> str | None:
         """The broker's latest refusal (nack, return, access refused) when no publish was confirmed since."""
         return self._refusal if self._refused_since is not None else None

@@ -134,13 +134,21 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(
         default=10.0, gt=0, le=300, validation_alias=AliasChoices("BRIDGE_PUBLISH_TIMEOUT_SECONDS")
     )
-    # AMQP heartbeat: 6 s finds a dead, idle link within 24 s (see docs/broker.md, amqp_dead_link_detection_s).
+    # AMQP heartbeat: 4 s finds a dead, idle link within 17 s (see docs/broker.md, dead_link_detection_s), and lets
+    # the broker free a dead host's leader lock within 3 x 4 + 2 = 14 s, under the 15 s takeover bound
+    # (docs/leadership.md).
     amqp_heartbeat_s: int = Field(
-        default=6, ge=1, le=60, validation_alias=AliasChoices("BRIDGE_AMQP_HEARTBEAT_SECONDS")
+        default=4, ge=1, le=60, validation_alias=AliasChoices("BRIDGE_AMQP_HEARTBEAT_SECONDS")
     )
     amqp_ca_file: Path | None = None
     amqp_cert_file: Path | None = None
     amqp_key_file: Path | None = None
+
+    # --- replicas ---
+    # The account this process polls; it names the leader lock <exchange>.leader.<account>. 40 characters keep the
+    # lock's name within RabbitMQ's 255 bytes next to the longest exchange name.
+    account: str = Field(default="default", min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
+    leader_election: bool = True
 
     # --- run loop ---
     poll_interval_s: float = Field(

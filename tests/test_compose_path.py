@@ -41,12 +41,13 @@ _TIMEOUT_S = 40
 # --- what docker-compose.yml says -------------------------------------------------------------------------------
 
 
-def _published(service: str) -> dict[int, int]:
-    """Container port -> host port of a compose service's ``ports``."""
-    mapping: dict[int, int] = {}
+def _published(service: str) -> dict[int, list[int]]:
+    """Container port -> host ports of a compose service's ``ports`` (a range, ``9108-9109``, for replicas)."""
+    mapping: dict[int, list[int]] = {}
     for entry in SERVICES[service].get("ports", []):
         host, _, container = str(entry).rpartition(":")
-        mapping[int(container)] = int(host.rpartition(":")[2]) if host else int(container)
+        first, _, last = (host.rpartition(":")[2] or container).partition("-")
+        mapping[int(container)] = list(range(int(first), int(last or first) + 1))
     return mapping
 
 
@@ -63,8 +64,8 @@ def _host_commands() -> dict[str, dict[str, str]]:
 
 def test_compose_publishes_rabbitmq_beside_a_local_broker() -> None:
     rabbitmq = _published("rabbitmq")
-    assert rabbitmq[5672] != 5672 and rabbitmq[15672] != 15672, "would clash with the quickstart's local broker"
-    hosts = [port for service in SERVICES for port in _published(service).values()]
+    assert rabbitmq[5672] != [5672] and rabbitmq[15672] != [15672], "would clash with the quickstart's local broker"
+    hosts = [port for service in SERVICES for ports in _published(service).values() for port in ports]
     assert len(hosts) == len(set(hosts)), f"two services publish the same host port: {sorted(hosts)}"
     assert 5672 not in hosts and 15672 not in hosts
     assert 15692 not in rabbitmq, "Prometheus scrapes rabbitmq_prometheus inside the compose network"
@@ -88,7 +89,7 @@ def test_compose_enables_rabbitmq_prometheus_and_scrapes_per_queue_depth() -> No
 def test_compose_documents_each_host_command_with_its_own_user() -> None:
     commands = _host_commands()
     assert set(commands) == {"demo", "tail", "check"}
-    port = _published("rabbitmq")[5672]
+    port = _published("rabbitmq")[5672][0]
     users = {}
     for name, env in commands.items():
         match = re.fullmatch(rf"amqp://(\w+):(\w+)@localhost:{port}/", env["BRIDGE_AMQP_URL"])
@@ -99,7 +100,7 @@ def test_compose_documents_each_host_command_with_its_own_user() -> None:
     bridge_url = next(v for k, v in _environment("bridge").items() if k == "BRIDGE_AMQP_URL")
     assert bridge_url.startswith("amqp://bridge:bridge@rabbitmq:5672/")
     simulator = [str(part) for part in SERVICES["simulator"]["command"]]
-    assert commands["check"]["BRIDGE_UPSTREAM_ENDPOINT"] == f"http://localhost:{_published('simulator')[8000]}"
+    assert commands["check"]["BRIDGE_UPSTREAM_ENDPOINT"] == f"http://localhost:{_published('simulator')[8000][0]}"
     assert simulator[simulator.index("--host") + 1] == "0.0.0.0"
     assert commands["check"]["ALIBABA_CLOUD_ACCESS_KEY_ID"] == simulator[simulator.index("--access-key-id") + 1]
     secret = simulator[simulator.index("--access-key-secret") + 1]
@@ -149,7 +150,7 @@ def _prometheus_port(node: PrivateNode) -> int:
 
 def url_of(node: PrivateNode, user: str) -> str:
     """The compose host command's URL for ``user``, at this node's port (demo passwords equal the user name)."""
-    port = _published("rabbitmq")[5672]
+    port = _published("rabbitmq")[5672][0]
     for env in _host_commands().values():
         url = env["BRIDGE_AMQP_URL"]
         if url.startswith(f"amqp://{user}:"):
@@ -160,11 +161,11 @@ def url_of(node: PrivateNode, user: str) -> str:
 def command_env(node: PrivateNode, command: str, simulator_url: str | None = None) -> dict[str, str]:
     """The environment of a documented host command, pointed at this node (and this test's simulator)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "ALIBABA_CLOUD_"))}
-    port = _published("rabbitmq")[5672]
+    port = _published("rabbitmq")[5672][0]
     for key, value in _host_commands()[command].items():
         value = value.replace(f"@localhost:{port}/", f"@127.0.0.1:{node.port}/")
         if simulator_url is not None:
-            value = value.replace(f"http://localhost:{_published('simulator')[8000]}", simulator_url)
+            value = value.replace(f"http://localhost:{_published('simulator')[8000][0]}", simulator_url)
         env[key] = value
     return env
 

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from bridge.leadership import Leadership, lock_name
 from bridge.metrics import Metrics
 from bridge.settings import SECRET_FIELDS, Settings, env_name, load_settings
 from bridge.topology import describe
@@ -218,11 +219,17 @@ def test_bridge_environment_is_valid_and_matches_the_simulator(
     assert settings.exchange == "domain.tasks"
 
 
-def test_bridge_port_and_stop_grace_period(services: dict[str, Any]) -> None:
+def test_bridge_replicas_ports_and_stop_grace_period(services: dict[str, Any]) -> None:
     bridge = services["bridge"]
     port = int(_environment(bridge).get("BRIDGE_METRICS_PORT", METRICS_PORT))
     assert port == METRICS_PORT
-    assert f"{port}:{port}" in {str(p) for p in bridge["ports"]}
+    # Two replicas of one service: one leads, one stands by. Each takes a host port of the range (one fixed host
+    # port would clash), and nothing pins a container name (which would also stop the second replica).
+    replicas = bridge["deploy"]["replicas"]
+    assert replicas == 2
+    assert "container_name" not in bridge
+    assert f"{port}-{port + replicas - 1}:{port}" in {str(p) for p in bridge["ports"]}
+    assert _environment(bridge).get("BRIDGE_LEADER_ELECTION", "true") == "true"
     grace = re.fullmatch(r"(\d+)s", bridge["stop_grace_period"])
     assert grace and int(grace.group(1)) > SHUTDOWN_TIMEOUT_S
 
@@ -248,7 +255,8 @@ def test_prometheus_and_grafana_are_wired(services: dict[str, Any]) -> None:
         assert prometheus_mounts[target] == f"./deploy/prometheus/{rules}"
     scrape = next(job for job in config["scrape_configs"] if "bridge" in json.dumps(job))
     assert scrape.get("metrics_path", "/metrics") == "/metrics"
-    assert scrape["static_configs"][0]["targets"] == [f"bridge:{METRICS_PORT}"]
+    # Every replica: the compose service's name resolves to one address per container.
+    assert scrape["dns_sd_configs"] == [{"names": ["bridge"], "type": "A", "port": METRICS_PORT}]
 
     grafana_mounts = _host_volumes(services["grafana"])
     provider = _yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "task-bridge.yml")["providers"][0]
@@ -503,13 +511,28 @@ def test_kustomization_lists_existing_manifests() -> None:
     assert kustomization["images"][0]["name"] == image
 
 
-def test_one_replica_recreated_and_time_to_drain(deployment: dict[str, Any]) -> None:
+def test_replicas_roll_one_at_a_time_spread_over_nodes_and_time_to_drain(deployment: dict[str, Any]) -> None:
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == 2
+    # The new pod starts (and stands by) before an old one stops: the account always has a poller or a standby.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti  # a one-node cluster still runs both
+    [preferred] = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
     configmap = _k8s("configmap.yaml")["data"]
     shutdown_s = float(configmap.get("BRIDGE_SHUTDOWN_TIMEOUT_SECONDS", SHUTDOWN_TIMEOUT_S))
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown_s
+
+
+def test_pod_disruption_budget_keeps_one_replica(deployment: dict[str, Any]) -> None:
+    assert "pdb.yaml" in _k8s("kustomization.yaml")["resources"]
+    budget = _k8s("pdb.yaml")
+    assert (budget["apiVersion"], budget["kind"]) == ("policy/v1", "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 def test_probes_and_ports(container: dict[str, Any]) -> None:
@@ -670,6 +693,14 @@ def test_definitions_create_the_demo_user(definitions: dict[str, Any]) -> None:
             assert re.search(permission[right], name), f"bridge cannot {right} {name}"
         for name in ("domain.tasks.failures", "amq.gen-abc", "other", "domain.tasksx"):
             assert not re.search(permission[right], name), f"bridge may {right} {name}"
+    # The leader locks (bridge.leadership): declared and consumed, never written to.
+    locks = [lock_name("domain.tasks", account) for account in ("default", "reseller-eu")]
+    for right in ("configure", "read"):
+        for name in locks:
+            assert re.search(permission[right], name), f"bridge cannot {right} the lock {name}"
+    for name in locks:
+        assert not re.search(permission["write"], name), f"bridge may write {name}"
+    assert not re.search(permission["read"], "domain.tasks.leader.")
 
 
 def test_definitions_give_the_other_demo_users_their_passwords(definitions: dict[str, Any]) -> None:
@@ -700,7 +731,9 @@ def _metric_tokens(text: str) -> set[str]:
 def test_metric_names_exist(path: Path) -> None:
     used = _metric_tokens(path.read_text(encoding="utf-8"))
     assert used
-    unknown = sorted(used - Metrics().names())
+    metrics = Metrics()
+    Leadership("default", "domain.tasks", metrics.leadership)  # the election's samples exist per account
+    unknown = sorted(used - metrics.names())
     assert not unknown, f"{path.name} uses metrics bridge/metrics.py does not export: {unknown}"
 
 
@@ -727,6 +760,9 @@ def test_alert_rules_are_complete() -> None:
         "broker": "bridge_broker_connected == 0",
         "unrouted queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.unrouted"}',
         "invalid queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.invalid"}',
+        "no leader for an account": "max by (job, account) (bridge_leader) == 0",
+        "two leaders of an account": "sum by (job, account) (bridge_leader) > 1",
+        "a standby is not a bridge that stopped polling": "max by (job, instance) (bridge_leader) == 0",
     }
     for what, fragment in required.items():
         assert any(fragment in expr for expr in expressions.values()), f"no alert on {what}"
@@ -801,6 +837,8 @@ def test_dashboard_covers_the_drain(tmp_path: Path) -> None:
         "bridge_invalid_records_total",
         "bridge_broker_connected",
         "bridge_last_successful_poll_timestamp_seconds",
+        "sum by (account) (bridge_leader",
+        "bridge_leader_transitions_total",
     ):
         assert needed in text, f"no panel shows {needed}"
     assert "histogram_quantile(0.99" in text and "histogram_quantile(0.5" in text

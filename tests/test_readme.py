@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bridge.leadership import Leadership, LeadershipMetrics
+from bridge.leadership import Leadership
 from bridge.metrics import Metrics
 from bridge.settings import Settings, env_name
 
@@ -40,7 +40,7 @@ def test_metrics_table_lists_every_metric() -> None:
     listed = set(_table_first_column("Metrics"))
     metrics = Metrics()
     # The election's metrics are labelled by account: an account's Leadership creates its samples.
-    Leadership("default", "domain.tasks", LeadershipMetrics(metrics.registry))
+    Leadership("default", "domain.tasks", metrics.leadership)
     samples = {name for name in metrics.names() if not name.endswith("_created")}
     exported = {re.sub(r"_(bucket|count|sum)$", "", name) for name in samples}
     assert listed == exported
