@@ -214,14 +214,20 @@ async def _takeover(sampler: Sampler, old: int, timeout_s: float) -> tuple[int, 
     return new, sampler.leader_since[new]
 
 
+async def _leader_mid_drain(sampler: Sampler, sim: Simulator, details: int) -> int:
+    """The index of the process that leads, once a fifth of the ``details`` are acknowledged."""
+    await eventually(lambda: sampler.leader() is not None, timeout_s=20, what="a leader")
+    leader = sampler.leader()
+    assert leader is not None
+    await eventually(lambda: sim.acknowledged_count >= details // 5, timeout_s=30, what="drain under way")
+    return leader
+
+
 async def test_sigkill_of_the_leader_mid_drain(queues: ScenarioQueues, tmp_path: Path) -> None:
     details = 6000
     sim = Simulator(tasks=details, seed=131, faults=Faults(latency_s=0.01))
     async with replicas(3, sim, queues, tmp_path) as (group, sampler):
-        await eventually(lambda: sampler.leader() is not None, timeout_s=20, what="a leader")
-        old = sampler.leader()
-        assert old is not None
-        await eventually(lambda: sim.acknowledged_count >= details // 5, timeout_s=30, what="drain under way")
+        old = await _leader_mid_drain(sampler, sim, details)
         group[old].process.kill()
         killed_at = time.monotonic()
         await group[old].process.wait()
@@ -246,10 +252,7 @@ async def test_sigterm_of_the_leader_mid_drain(queues: ScenarioQueues, tmp_path:
     details = 6000
     sim = Simulator(tasks=details, seed=132, faults=Faults(latency_s=0.01))
     async with replicas(2, sim, queues, tmp_path) as (group, sampler):
-        await eventually(lambda: sampler.leader() is not None, timeout_s=20, what="a leader")
-        old = sampler.leader()
-        assert old is not None
-        await eventually(lambda: sim.acknowledged_count >= details // 5, timeout_s=30, what="drain under way")
+        old = await _leader_mid_drain(sampler, sim, details)
         group[old].process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         pending_at_signal = sim.pending_count
