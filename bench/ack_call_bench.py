@@ -24,7 +24,7 @@ import time
 import httpx
 from pydantic import SecretStr
 
-from bridge.settings import Settings
+from bridge.settings import Settings, load_settings
 from bridge.upstream import UpstreamClient
 
 __all__ = ["main"]
@@ -47,7 +47,7 @@ async def _best_us_per_call(client: UpstreamClient, ids: list[list[str]], repeat
 
 
 def _settings(signature: str, sts: bool) -> Settings:
-    return Settings(
+    return load_settings(
         access_key_id=SecretStr("bench-access-key-id"),
         access_key_secret=SecretStr("bench-access-key-secret"),
         security_token=SecretStr("STS." + "t" * 1296) if sts else None,
@@ -61,7 +61,8 @@ async def _run(args: argparse.Namespace) -> None:
     batches = [[f"{rng.getrandbits(128):032x}" for _ in range(args.ids)] for _ in range(args.calls)]
     async with httpx.AsyncClient(transport=httpx.MockTransport(_answer)) as http:
         for signature in args.signature.split(","):
-            client = UpstreamClient(http, _settings(signature, args.sts))
+            settings = _settings(signature, args.sts)
+            client = UpstreamClient(http, settings.upstream, settings.account)
             await client.acknowledge(batches[0])  # warm up: imports, caches
             if args.profile:
                 profiler = cProfile.Profile()

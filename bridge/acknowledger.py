@@ -21,8 +21,8 @@ from bridge.errors import (
     UpstreamError,
 )
 from bridge.ledger import Ledger
-from bridge.metrics import ACK_OUTCOMES, Metrics
-from bridge.settings import Settings
+from bridge.metrics import ACK_OUTCOMES, AccountMetrics
+from bridge.settings import DeliverySettings
 from bridge.upstream import ACK_IDS_MAX_BYTES, UpstreamClient, ack_id_query_bytes
 
 __all__ = ["ACK_LINGER_S", "Acknowledger"]
@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 class Acknowledger:
     """Sends the ledger's confirmed ids in AcknowledgeTaskResult calls, at most ``ack_concurrency`` at a time."""
 
-    def __init__(self, upstream: UpstreamClient, settings: Settings, metrics: Metrics, ledger: Ledger) -> None:
+    def __init__(
+        self, upstream: UpstreamClient, delivery: DeliverySettings, metrics: AccountMetrics, ledger: Ledger
+    ) -> None:
+        """Batch size and concurrency are the upstream client's settings; the backoff is ``delivery``'s."""
+        settings = upstream.settings
         self._upstream = upstream
         self._ledger = ledger
         self._batch_size = settings.ack_batch_size  # halved when the upstream refuses a call as too large
@@ -45,7 +49,7 @@ class Acknowledger:
         self._slots = asyncio.Semaphore(settings.ack_concurrency)
         self._metrics = metrics
         self._acks = {outcome: metrics.acknowledgements.labels(outcome) for outcome in ACK_OUTCOMES}
-        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._backoff = Backoff(delivery.backoff_initial_s, delivery.backoff_max_s)
         self._retry_at = 0.0
 
     async def drain(self, timeout_s: float) -> bool:

@@ -41,7 +41,7 @@ from aiormq.connection import TransportFactory
 from pamqp import commands as spec
 from yarl import URL
 
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings
 
 __all__ = ["BrokerConnection", "HandshakeRefused", "NoNodeConnected", "connect", "dead_link_detection_s"]
 
@@ -254,7 +254,7 @@ class NoNodeConnected(aiormq.exceptions.AMQPConnectionError):
 
 
 async def connect(
-    settings: Settings,
+    settings: BrokerSettings,
     *,
     on_blocked: Callable[[str], None] = _ignore,
     on_unblocked: Callable[[], None] = _ignore,
@@ -293,7 +293,7 @@ async def connect(
 
 
 async def _connect_node(
-    settings: Settings, url: str, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]
+    settings: BrokerSettings, url: str, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]
 ) -> BrokerConnection:
     connection = BrokerConnection(
         url,

@@ -2,9 +2,10 @@
 
 Checks, in order of the report:
 
-- ``settings``: the environment gives valid settings and the access key pair (done by the CLI, which exits 2
-  when they are invalid, as ``run`` does);
-- ``upstream``: one signed PollTaskResult call with PageSize 1 (it acknowledges nothing, so it changes nothing);
+- ``settings``: the environment (and the config file) give valid settings and each account its access key pair
+  (done by the CLI, which exits 2 when they are invalid, as ``run`` does);
+- ``upstream``: one signed PollTaskResult call with PageSize 1 (it acknowledges nothing, so it changes nothing),
+  for every account (``upstream <account>`` when there are several);
 - ``broker``: a connection to the AMQP URL;
 - ``topology``: every exchange and queue of :mod:`bridge.topology` is either absent (the bridge declares it at
   start) or matches what the bridge declares. An existing one is declared again with the bridge's arguments:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -28,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge import refusals
 from bridge.errors import BrokerError, UpstreamError
-from bridge.settings import Settings
+from bridge.settings import AccountSettings, Settings
 from bridge.topology import describe
 from bridge.upstream import UpstreamClient
 
@@ -43,6 +44,14 @@ _UPSTREAM_HINTS = {
     "InvalidSecurityToken": "check ALIBABA_CLOUD_SECURITY_TOKEN (STS tokens expire)",
     "InvalidTimeStamp": "the clock of this host is off by more than 15 minutes",
     "Forbidden.RAM": "the RAM user lacks permission for PollTaskResult",
+}
+
+
+_ACCOUNT_KEYS = {
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "access_key_secret",
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": "access_key_id",
+    "ALIBABA_CLOUD_SECURITY_TOKEN": "security_token",
+    "BRIDGE_SIGNATURE_VERSION": "signature_version",
 }
 
 
@@ -76,22 +85,34 @@ def format_report(results: list[CheckResult]) -> str:
 
 def settings_result(settings: Settings) -> CheckResult:
     """The ``settings`` line for valid settings: what the bridge will talk to, without any secret."""
-    credentials = "access key pair" + (" and STS token" if settings.security_token is not None else "") + " set"
-    return CheckResult(
-        "settings",
-        Status.OK,
-        f"{settings.upstream_api} API {settings.api_version} at {settings.endpoint}, "
-        f"{settings.signature_version} signing, {credentials}; exchange {settings.exchange!r}",
+    exchange = f"exchange {settings.broker.exchange!r}"
+    if len(settings.accounts) > 1:
+        names = ", ".join(account.name for account in settings.accounts)
+        return CheckResult("settings", Status.OK, f"{len(settings.accounts)} accounts ({names}); {exchange}")
+    return CheckResult("settings", Status.OK, f"{_describe_account(settings.account)}; {exchange}")
+
+
+def _describe_account(account: AccountSettings) -> str:
+    credentials = "access key pair" + (" and STS token" if account.security_token is not None else "") + " set"
+    return (
+        f"{account.api} API {account.api_version} at {account.base_url}, "
+        f"{account.signature_version} signing, {credentials}"
     )
 
 
 async def run_checks(settings: Settings, http: httpx.AsyncClient) -> list[CheckResult]:
-    """Check the upstream, the broker and the topology (concurrently); results in report order."""
+    """Check every account's upstream, the broker and the topology (concurrently); results in report order."""
     scrub = settings.scrub
+    several = len(settings.accounts) > 1
+
+    def upstream_check(account: AccountSettings) -> Coroutine[Any, Any, CheckResult]:
+        name = f"upstream {account.name}" if several else "upstream"
+        return _guarded(name, scrub, lambda: _check_upstream(settings, account, name, http))
+
     async with asyncio.TaskGroup() as group:
-        upstream = group.create_task(_guarded("upstream", scrub, lambda: _check_upstream(settings, http)))
+        upstreams = [group.create_task(upstream_check(account)) for account in settings.accounts]
         broker = group.create_task(_check_broker(settings, scrub))
-    return [settings_result(settings), upstream.result(), *broker.result()]
+    return [settings_result(settings), *(task.result() for task in upstreams), *broker.result()]
 
 
 async def _guarded(name: str, scrub: Callable[[str], str], check: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
@@ -102,28 +123,32 @@ async def _guarded(name: str, scrub: Callable[[str], str], check: Callable[[], A
         return CheckResult(name, Status.FAIL, _one_line(scrub(f"{type(exc).__name__}: {exc}")))
 
 
-async def _check_upstream(settings: Settings, http: httpx.AsyncClient) -> CheckResult:
-    client = UpstreamClient(http, settings)
+async def _check_upstream(
+    settings: Settings, account: AccountSettings, name: str, http: httpx.AsyncClient
+) -> CheckResult:
+    client = UpstreamClient(http, settings.upstream, account)
+    several = name != "upstream"
     started = time.perf_counter()
     try:
         page = await client.poll(page_num=1, page_size=1)
     except UpstreamError as exc:
         hint = next((h for code, h in _UPSTREAM_HINTS.items() if (exc.code or "").startswith(code)), None)
+        if hint is not None and several:
+            # The account's credentials are keys of its [[accounts]] table, not variables.
+            for variable, key in _ACCOUNT_KEYS.items():
+                hint = hint.replace(variable, f"{key} of account {account.name!r}")
         text = _one_line(str(exc))
-        return CheckResult("upstream", Status.FAIL, f"{text} -> {hint}" if hint else text)
+        return CheckResult(name, Status.FAIL, f"{text} -> {hint}" if hint else text)
     elapsed_ms = (time.perf_counter() - started) * 1000
     pending = "an unknown number of" if page.total_items is None else f"{page.total_items:,}"
     request = f" (RequestId {page.request_id})" if page.request_id else ""
-    return CheckResult(
-        "upstream",
-        Status.OK,
-        f"PollTaskResult answered in {elapsed_ms:.0f} ms: {pending} task details pending{request}",
-    )
+    answer = f"PollTaskResult answered in {elapsed_ms:.0f} ms: {pending} task details pending{request}"
+    return CheckResult(name, Status.OK, f"{_describe_account(account)}: {answer}" if several else answer)
 
 
 async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list[CheckResult]:
     try:
-        connection = await refusals.connect(settings)
+        connection = await refusals.connect(settings.broker)
     except BrokerError as exc:
         return [
             CheckResult("broker", Status.FAIL, _one_line(str(exc))),
@@ -133,7 +158,7 @@ async def _check_broker(settings: Settings, scrub: Callable[[str], str]) -> list
         transport = connection.transport
         properties: dict[str, Any] = dict(transport.connection.server_properties or {}) if transport else {}
         server = " ".join(str(properties[k]) for k in ("product", "version") if k in properties) or "connected"
-        topology = await _guarded("topology", scrub, lambda: _check_topology(connection, settings.exchange))
+        topology = await _guarded("topology", scrub, lambda: _check_topology(connection, settings.broker.exchange))
     finally:
         await connection.close()
     return [CheckResult("broker", Status.OK, f"{connection.broker}: {server}"), topology]

@@ -33,7 +33,7 @@ from bridge.logs import configure_logging
 from bridge.peek import DEFAULT_COUNT
 from bridge.refusals import CONNECT_ERRORS
 from bridge.runtime import tune_for_service
-from bridge.settings import Settings, load_settings, origins
+from bridge.settings import CONFIG_FILE_VARIABLE, Settings, load_settings, origins
 from bridge.simulator.cli import add_parser as add_simulate
 from bridge.simulator.cli import run as run_simulate
 
@@ -47,12 +47,12 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("bridge")
 
 
-def _settings_or_exit(*, credentials: bool = True, overrides: dict[str, Any] | None = None) -> Settings | int:
-    """The settings, or EXIT_USAGE after one line per problem on stderr."""
+def _settings_or_exit(
+    args: argparse.Namespace, *, credentials: bool = True, overrides: dict[str, Any] | None = None
+) -> Settings | int:
+    """The settings (``--config`` names the TOML file), or EXIT_USAGE after one line per problem on stderr."""
     try:
-        settings = load_settings(**(overrides or {}))
-        if credentials:
-            settings.require_credentials()
+        settings = load_settings(getattr(args, "config", None), credentials=credentials, **(overrides or {}))
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"task-bridge: invalid setting: {problem}", file=sys.stderr)
@@ -95,7 +95,7 @@ def _one_line(text: str) -> str:
 
 
 def _configure_logging(settings: Settings, level: str | None = None) -> None:
-    configure_logging(level or settings.log_level, settings.log_format)
+    configure_logging(level or settings.operator.log_level, settings.operator.log_format)
 
 
 def _refused(command: str, settings: Settings, exc: BaseException) -> int:
@@ -111,7 +111,7 @@ def _run_tool(command: str, settings: Settings, main: Coroutine[Any, Any, int]) 
     try:
         return asyncio.run(main)
     except CONNECT_ERRORS as exc:
-        return _refused(command, settings, explain(exc, settings))
+        return _refused(command, settings, explain(exc, settings.broker))
 
 
 # --- run ---
@@ -168,7 +168,7 @@ async def _run(settings: Settings, once: bool, progress_interval_s: float | None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    settings = _settings_or_exit(args)
     if isinstance(settings, int):
         return settings
     _configure_logging(settings)
@@ -182,7 +182,7 @@ async def _check(settings: Settings) -> int:
     from bridge.app import upstream_http_client
     from bridge.check import format_report, run_checks
 
-    async with upstream_http_client(settings) as http:
+    async with upstream_http_client(settings.upstream, len(settings.accounts)) as http:
         results = await run_checks(settings, http)
     sys.stdout.write(format_report(results))
     return EXIT_FAILURE if any(r.failed for r in results) else EXIT_OK
@@ -190,8 +190,7 @@ async def _check(settings: Settings) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings()
-        settings.require_credentials()
+        settings = load_settings(args.config, credentials=True)
     except SettingsError as exc:
         # The report's format, on stdout like a full report; nothing else is checked without valid settings.
         sys.stdout.writelines(f"FAIL  settings  {problem}\n" for problem in exc.problems)
@@ -209,9 +208,12 @@ async def _peek(settings: Settings, args: argparse.Namespace) -> int:
     from bridge.app import upstream_http_client
     from bridge.peek import peek, render_json, render_text, summary
 
+    accounts = {account.name: account for account in settings.accounts}
+    if args.account is not None and args.account not in accounts:
+        return _refused("peek", settings, SettingsError([f"--account: no account {args.account!r} in the settings"]))
     try:
-        async with upstream_http_client(settings) as http:
-            result = await peek(settings, http, args.count)
+        async with upstream_http_client(settings.upstream) as http:
+            result = await peek(settings, http, args.count, accounts.get(args.account or settings.account.name))
     except BridgeError as exc:
         return _refused("peek", settings, exc)
     for number, preview in enumerate(result.previews, 1):
@@ -222,7 +224,7 @@ async def _peek(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_peek(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    settings = _settings_or_exit(args)
     if isinstance(settings, int):
         return settings
     _configure_logging(settings, "WARNING")
@@ -233,10 +235,10 @@ def _cmd_peek(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from bridge.configview import config_rows, format_json, format_table
 
-    settings = _settings_or_exit(credentials=False)  # a missing key pair is shown as unset, not refused
+    settings = _settings_or_exit(args, credentials=False)  # a missing key pair is shown as unset, not refused
     if isinstance(settings, int):
         return settings
-    rows = config_rows(settings, origins())
+    rows = config_rows(settings, origins(args.config))
     sys.stdout.write(format_json(rows) if args.json else format_table(rows))
     return EXIT_OK
 
@@ -252,7 +254,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         await tail(
-            settings,
+            settings.broker,
             stop,
             sys.stdout,
             pattern=args.pattern,
@@ -267,7 +269,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit(credentials=False)  # only the broker settings matter
+    settings = _settings_or_exit(args, credentials=False)  # only the broker settings matter
     if isinstance(settings, int):
         return settings
     _configure_logging(settings, "ERROR")
@@ -297,7 +299,7 @@ async def _demo(settings: Settings, options: Any) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bridge.demo import DemoOptions, demo_overrides
 
-    settings = _settings_or_exit(overrides=demo_overrides(args.poll_interval))
+    settings = _settings_or_exit(args, overrides=demo_overrides(args.poll_interval))
     if isinstance(settings, int):
         return settings
     # Warnings and errors of the bridge on stderr; the event lines on stdout stay readable.
@@ -322,8 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"task-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # --config FILE: the TOML file of settings and accounts (docs/operating.md, "Several accounts").
+    configured = argparse.ArgumentParser(add_help=False)
+    configured.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"TOML file of settings and [[accounts]] (default: ${CONFIG_FILE_VARIABLE}); the environment overrides it",
+    )
 
-    run = commands.add_parser("run", help="poll, publish and acknowledge until SIGTERM/SIGINT")
+    run = commands.add_parser("run", parents=[configured], help="poll, publish and acknowledge until SIGTERM/SIGINT")
     run.add_argument("--once", action="store_true", help="drain the backlog, then exit (non-zero when it cannot)")
     # How often --once reports progress without a terminal (default 5 s); hidden, tests shorten it.
     run.add_argument("--progress-interval", type=argtypes.positive, default=None, help=argparse.SUPPRESS)
@@ -331,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
+        parents=[configured],
         help="check the settings, the upstream (one signed poll), the broker and the topology",
         description="One line per check (OK/FAIL/SKIP and why); exit 0 when all pass, 1 when one fails, "
         "2 when the settings are invalid. Changes nothing: no acknowledgement, no declaration.",
@@ -339,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     peek = commands.add_parser(
         "peek",
+        parents=[configured],
         help="dry run: poll once and print what would be published; publishes and acknowledges nothing",
         description="One PollTaskResult call (page 1, PageSize min(N, BRIDGE_PAGE_SIZE)); each detail converted "
         "as the bridge converts it: exchange, routing key, AMQP properties and body of each event and invalid "
@@ -348,19 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=argtypes.positive_int, default=DEFAULT_COUNT, metavar="N", help="details to show (default 10)"
     )
     peek.add_argument("--json", action="store_true", help="one JSON object per record")
+    peek.add_argument("--account", default=None, metavar="NAME", help="the account to poll (default: the first)")
     peek.set_defaults(handler=_cmd_peek)
 
     config = commands.add_parser(
         "config",
+        parents=[configured],
         help="print the effective settings and where each came from, secrets masked",
-        description="One row per setting: variable, value, origin (environment, .env file, a *_FILE secret "
-        "file, default). Exit 2 with one line per problem when the settings are invalid.",
+        description="One row per setting: variable, value, origin (environment, a *_FILE secret file, .env "
+        "file, config file, default); with several accounts, one row per account key too. Exit 2 with one line "
+        "per problem when the settings are invalid.",
     )
     config.add_argument("--json", action="store_true", help="one JSON object per setting")
     config.set_defaults(handler=_cmd_config)
 
     tail = commands.add_parser(
         "tail",
+        parents=[configured],
         help="print events as they reach the exchange (needs only the broker settings)",
         description="Bind a temporary queue (exclusive, auto-delete) to the events exchange and print each "
         "event: time, routing key, domain, status, id. Ctrl-C stops it.",

@@ -1,9 +1,10 @@
 """``task-bridge config``: the effective settings, each with where its value came from, secrets masked.
 
 One row per setting in the order of the settings table (docs/operating.md): the variable, the value the bridge
-uses, and its origin (``environment``, ``file <path> (<VAR>_FILE)``, ``.env file`` or ``default``). Secrets show
-as ``***`` and the AMQP URL with its password masked; an unset optional setting shows what the bridge does
-instead.
+uses, and its origin (``environment``, ``file <path> (<VAR>_FILE)``, ``.env file``, ``config file <path>`` or
+``default``). Secrets show as ``***`` and the AMQP URL with its password masked; an unset optional setting shows
+what the bridge does instead. With several accounts (a config file's ``[[accounts]]``), each account's keys
+follow as ``accounts.<name>.<key>`` rows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.settings import Settings, env_name
+from bridge.settings import AccountSettings, Settings, env_name
 
 __all__ = ["ConfigRow", "config_rows", "format_json", "format_table"]
 
@@ -27,10 +28,10 @@ class ConfigRow:
     note: str | None = None
 
 
-def _note(settings: Settings, field: str) -> str | None:
+def _note(account: AccountSettings, field: str) -> str | None:
     """What an unset optional setting means."""
-    if field == "upstream_endpoint":
-        return f"{settings.endpoint}, of BRIDGE_UPSTREAM_API"
+    if field in ("upstream_endpoint", "endpoint"):
+        return f"{account.base_url}, of {'BRIDGE_UPSTREAM_API' if field == 'upstream_endpoint' else 'api'}"
     if field == "log_format":
         return "text on a terminal, JSON otherwise"
     if field in ("access_key_id", "access_key_secret"):
@@ -41,9 +42,15 @@ def _note(settings: Settings, field: str) -> str | None:
 def config_rows(settings: Settings, origins: dict[str, str]) -> list[ConfigRow]:
     """A row per setting of ``settings``; ``origins`` comes from :func:`bridge.settings.origins`."""
     rows = []
-    for field, value in settings.masked().items():
-        note = _note(settings, field) if value is None else None
+    masked = settings.masked()
+    listed = masked.pop("accounts", None)
+    for field, value in masked.items():
+        note = _note(settings.account, field) if value is None else None
         rows.append(ConfigRow(env_name(field), value, origins.get(field, "default"), note))
+    for account, values in zip(settings.accounts, listed or (), strict=False):
+        for field, value in values.items():
+            note = _note(account, field) if value is None else None
+            rows.append(ConfigRow(f"accounts.{account.name}.{field}", value, "config file", note))
     return rows
 
 

@@ -23,7 +23,7 @@ from bridge import refusals
 from bridge.app import App
 from bridge.errors import BrokerError
 from bridge.ledger import Progress
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings, Settings
 from bridge.simulator import Faults, Simulator, running
 from bridge.tail import bind_temporary_queue, format_line
 from bridge.topology import declare
@@ -95,8 +95,10 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
         out.flush()
 
     async with running(sim, "127.0.0.1", 0) as url:
-        settings = settings.model_copy(update={"upstream_endpoint": url})
-        connection = await refusals.connect(settings)
+        account = settings.account.model_copy(update={"endpoint": url})
+        settings = settings.model_copy(update={"accounts": (account,)})
+        broker = settings.broker
+        connection = await refusals.connect(broker)
         async with connection:
             counts = _Counts()
 
@@ -108,10 +110,10 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
                 counts.invalid += 1
                 say(format_line(message))
 
-            channel = await _watch(connection, settings, on_event, on_invalid)
+            channel = await _watch(connection, broker, on_event, on_invalid)
             say(
                 f"demo: simulator at {url} with {options.tasks} task details pending and {options.rate:g} new "
-                f"per second; bridge publishing to {settings.exchange!r} on {settings.amqp_url_masked}"
+                f"per second; bridge publishing to {broker.exchange!r} on {broker.amqp_url_masked}"
             )
             say("demo: " + ("Ctrl-C to stop" if options.seconds is None else f"stopping after {options.seconds:g}s"))
             app = App(settings)
@@ -137,7 +139,7 @@ async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event
 
 async def _watch(
     connection: AbstractConnection,
-    settings: Settings,
+    settings: BrokerSettings,
     on_event: Callable[[AbstractIncomingMessage], Awaitable[None]],
     on_invalid: Callable[[AbstractIncomingMessage], Awaitable[None]],
 ) -> AbstractChannel:

@@ -17,6 +17,7 @@ at the boundary (``raise ... from exc``) so the run loop only ever sees this tre
     │   └── BrokerRefusedError        login, vhost or permission refused (ACCESS_REFUSED, NOT_ALLOWED, ...),
     │                                 or the broker's TLS certificate not trusted
     ├── DeadlineExceeded              run --once: the upstream or the broker stayed unavailable past the deadline
+    ├── AccountFailedError            run --once with several accounts: one failed (its error is the cause)
     └── InternalError                 a bug: an unexpected exception inside a run, wrapped (its cause attached)
 
 The run loop (the one place retry policy lives) retries :class:`RetryableUpstreamError` and
@@ -28,6 +29,7 @@ never an exception group.
 from __future__ import annotations
 
 __all__ = [
+    "AccountFailedError",
     "BridgeError",
     "BrokerError",
     "BrokerRefusedError",
@@ -145,6 +147,13 @@ class BrokerRefusedError(BrokerError):
 
 class DeadlineExceeded(BridgeError):
     """``run --once`` could not finish: the upstream or the broker stayed unavailable past the deadline."""
+
+
+class AccountFailedError(BridgeError):
+    """``run --once`` with several accounts: an account's drain failed while the others finished.
+
+    The message names the account and its error, which is the ``__cause__``.
+    """
 
 
 class InternalError(BridgeError):

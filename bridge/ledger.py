@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
-from bridge.metrics import Metrics
+from bridge.metrics import AccountMetrics
 from bridge.records import RawRecord
 
 __all__ = ["RETURNS_WARNING", "UNUSABLE_MEMORY", "Ledger", "Progress"]
@@ -56,7 +56,9 @@ class Ledger:
     of confirmed ids at which the acknowledger need not wait for more (see :meth:`wait_for_batch`).
     """
 
-    def __init__(self, metrics: Metrics, *, ack_memory: int, batch_size: int, progress: Progress | None = None) -> None:
+    def __init__(
+        self, metrics: AccountMetrics, *, ack_memory: int, batch_size: int, progress: Progress | None = None
+    ) -> None:
         self._metrics = metrics
         self.progress = progress or Progress()
         self._ack_memory = ack_memory

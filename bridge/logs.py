@@ -1,6 +1,7 @@
 """Logging on stderr for people and machines: one readable line per record on a terminal, JSON otherwise.
 
 Both formats carry the same fields: the time, the level, the message and the ``extra`` fields of each call.
+A line logged while working for one account (in its tasks: :func:`for_account`) carries ``account`` too.
 
 - JSON (``BRIDGE_LOG_FORMAT=json``): one object per line, ``time``, ``level``, ``logger``, ``message``, extras.
 - text (``BRIDGE_LOG_FORMAT=text``): ``2026-11-30T06:16:56.123Z INFO  message  key=value ...``; a value with
@@ -17,10 +18,20 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "resolve_format"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "for_account", "resolve_format"]
+
+# The account the current task works for; tasks started from it inherit it (asyncio copies the context).
+_account: ContextVar[str | None] = ContextVar("bridge_account", default=None)
+
+
+def for_account(name: str) -> None:
+    """Tag every line the current task (and the tasks it starts) logs from now on with ``account=name``."""
+    _account.set(name)
+
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is emitted as a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -33,6 +44,9 @@ _BARE = re.compile(r"^[^\s\"'=\\]+$")
 
 
 def _extras(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    account = _account.get()
+    if account is not None and "account" not in record.__dict__:
+        yield "account", account
     for key, value in record.__dict__.items():
         if key not in _STANDARD and not key.startswith("_"):
             yield key, value

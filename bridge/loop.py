@@ -39,14 +39,14 @@ from bridge.errors import (
 from bridge.events import InvalidRecord, convert
 from bridge.leadership import Leadership, Lease
 from bridge.ledger import Ledger, Progress
-from bridge.metrics import Metrics
+from bridge.metrics import AccountMetrics
 from bridge.policy import After
 from bridge.publisher import Publisher, PublishOutcome
 from bridge.records import RawRecord
-from bridge.settings import Settings
+from bridge.settings import DeliverySettings
 from bridge.upstream import Page, UpstreamClient
 
-__all__ = ["DEPOSED_ACK_S", "BridgeLoop", "DeadlineExceeded", "Progress"]
+__all__ = ["DEPOSED_ACK_S", "BridgeLoop", "DeadlineExceeded", "Progress", "one_error"]
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +63,47 @@ class BridgeLoop:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: DeliverySettings,
         upstream: UpstreamClient,
         publisher: Publisher,
-        metrics: Metrics,
+        metrics: AccountMetrics,
         *,
         leadership: Leadership | None = None,
     ) -> None:
-        """With ``leadership``, the loop polls only while it holds that account's lock (see the module docstring)."""
+        """One account's loop: ``upstream`` is that account's client, ``publisher`` may serve other accounts too.
+
+        With ``leadership``, the loop polls only while it holds that account's lock (see the module docstring).
+        """
         self._settings = settings
         self._upstream = upstream
         self._publisher = publisher
         self._metrics = metrics
+        self.account = upstream.account.name
+        self.fatal: str | None = None
+        """Why the account stopped on a fatal upstream error (set by the app); a successful poll clears it."""
+        # Resolved once: a labels() lookup per publish is measurable at thousands of events per second.
+        self._published = {outcome: metrics.events_published.labels(outcome.value) for outcome in PublishOutcome}
+        self._event_source = publisher.settings.event_source
         self._leadership = leadership
         self._lease: Lease | None = None  # the lock while this loop leads
         self._stop: asyncio.Event | None = None  # the run's stop request
         self.progress = Progress()
-        self._pacing = policy.Pacing(page_size=settings.page_size, read_ahead=settings.read_ahead)
+        self._pacing = policy.Pacing(page_size=upstream.settings.page_size, read_ahead=settings.read_ahead)
         self._group: asyncio.TaskGroup | None = None
         self._new_term()
         self._upstream_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._broker_backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._upstream_down_since: float | None = None
         self._broker_down_since: float | None = None
-        self._ever_connected = False
 
     def _new_term(self) -> None:
         """Fresh state for a term: what a deposed leader held is the next leader's to poll again."""
         settings = self._settings
         self.ledger = Ledger(
-            self._metrics, ack_memory=settings.ack_memory, batch_size=settings.ack_batch_size, progress=self.progress
+            self._metrics,
+            ack_memory=settings.ack_memory,
+            batch_size=self._upstream.settings.ack_batch_size,
+            progress=self.progress,
         )
         self.acknowledger = Acknowledger(self._upstream, settings, self._metrics, self.ledger)
         # (record, poll token): details to publish, taken by the publisher tasks in order
@@ -120,6 +131,8 @@ class BridgeLoop:
             return f"broker: blocked publishing ({publisher.blocked_reason})"
         if (refused := publisher.refused_reason) is not None:
             return f"broker: publishes {refused}"
+        if self.fatal is not None:
+            return f"upstream: {self.fatal}"
         if self._leadership is not None and not self.leading:
             return None  # a standby polls nothing: connected, it is ready to take over
         last = self.last_poll_ok
@@ -169,7 +182,7 @@ class BridgeLoop:
                     return await self._term(stop, once)
                 return await self._elected(self._leadership, stop, once)
         except BaseExceptionGroup as failure:
-            raise _one_error(failure) from None
+            raise one_error(failure) from None
         finally:
             self._group = None
 
@@ -179,7 +192,8 @@ class BridgeLoop:
         assert group is not None
         workers = [group.create_task(self.acknowledger.run(), name="bridge-acknowledger")]
         workers += [
-            group.create_task(self._publishing(), name="bridge-publisher") for _ in range(self._settings.max_in_flight)
+            group.create_task(self._publishing(), name="bridge-publisher")
+            for _ in range(self._publisher.settings.max_in_flight)
         ]
         try:
             return await self._drive(stop, once)
@@ -341,6 +355,10 @@ class BridgeLoop:
         self._metrics.polls.labels("ok").inc()
         self._metrics.details_received.inc(len(page.records))
         self._metrics.last_successful_poll.set(time.time())
+        if self.fatal is not None:
+            log.info("account recovered: polls succeed again", extra={"account": self.account})
+            self.fatal = None
+            self._metrics.failing.set(0)
         self.last_poll_ok = time.monotonic()
         self._upstream_down_since = None
         self._upstream_backoff.reset()
@@ -389,13 +407,14 @@ class BridgeLoop:
     async def _publish(self, record: RawRecord, token: int) -> None:
         detail_no = record.detail_no
         assert detail_no is not None  # the ledger queues only usable ids
-        item = convert(record, source=self._settings.event_source)
+        item = convert(record, source=self._event_source)
         invalid = isinstance(item, InvalidRecord)
         try:
             outcome = await self._publisher.publish(item, invalid=invalid)
         except Exception:
             log.exception("unexpected error while publishing", extra={"detail_no": detail_no})
             outcome = PublishOutcome.CLOSED
+        self._published[outcome].inc()
         ok = outcome is PublishOutcome.ACK
         if ok:
             self._publish_acks += 1
@@ -486,16 +505,15 @@ class BridgeLoop:
         """
         self._broker_down_since = self._broker_down_since or time.monotonic()
         try:
-            await self._publisher.connect()
+            await self._publisher.ensure_connected()
         except BrokerRefusedError as exc:
-            if not self._ever_connected:
+            if not self._publisher.ever_connected:
                 raise  # wrong credentials, vhost or permissions at start: the configuration is wrong
             await self._broker_retry(stop, once, exc, "broker refused the connection; retrying")
             return
         except BrokerUnavailableError as exc:
             await self._broker_retry(stop, once, exc, "broker unavailable; retrying")
             return
-        self._ever_connected = True
         if self._publisher.last_refusal is None:
             # Not after a refusal: connecting is no proof the broker takes publishes again.
             self._broker_backoff.reset()
@@ -587,7 +605,7 @@ async def _captured(work: Awaitable[T]) -> tuple[T | None, Exception | None]:
         return None, exc
 
 
-def _one_error(failure: BaseExceptionGroup[BaseException]) -> BaseException:
+def one_error(failure: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception a failed run raises: its first :class:`BridgeError`, else the cause wrapped in one."""
     leaves = _leaves(failure)
     for exc in leaves:

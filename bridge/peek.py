@@ -19,7 +19,7 @@ import httpx
 from pamqp.commands import Basic
 
 from bridge.events import InvalidRecord, convert
-from bridge.settings import Settings
+from bridge.settings import AccountSettings, BrokerSettings, Settings
 from bridge.upstream import RawRecord, UpstreamClient
 
 __all__ = ["DEFAULT_COUNT", "PeekResult", "Preview", "peek", "render_json", "render_text", "summary"]
@@ -70,15 +70,20 @@ class PeekResult:
     request_id: str | None = None
 
 
-async def peek(settings: Settings, http: httpx.AsyncClient, count: int = DEFAULT_COUNT) -> PeekResult:
-    """Poll page 1 once for ``count`` details (at most ``page_size``) and preview each; raises UpstreamError."""
-    client = UpstreamClient(http, settings)
-    page = await client.poll(page_num=1, page_size=min(count, settings.page_size))
-    previews = [_preview(record, settings) for record in page.records]
+async def peek(
+    settings: Settings, http: httpx.AsyncClient, count: int = DEFAULT_COUNT, account: AccountSettings | None = None
+) -> PeekResult:
+    """Poll page 1 of ``account`` (the first) once for ``count`` details (at most ``page_size``) and preview each.
+
+    Raises :class:`UpstreamError`.
+    """
+    client = UpstreamClient(http, settings.upstream, account or settings.account)
+    page = await client.poll(page_num=1, page_size=min(count, settings.upstream.page_size))
+    previews = [_preview(record, settings.broker) for record in page.records]
     return PeekResult(previews, page.total_items, page.request_id)
 
 
-def _preview(record: RawRecord, settings: Settings) -> Preview:
+def _preview(record: RawRecord, settings: BrokerSettings) -> Preview:
     if record.detail_no is None:  # as the run loop decides, before any conversion
         body = json.dumps(record.raw, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
         return Preview("left_upstream", None, None, None, body, _LEFT_UPSTREAM)

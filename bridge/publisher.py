@@ -26,7 +26,7 @@ from bridge import amqp as broker_link
 from bridge import refusals
 from bridge.amqp import BrokerConnection, HandshakeRefused
 from bridge.metrics import Metrics
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings
 from bridge.topology import declare
 
 __all__ = ["PublishOutcome", "Publishable", "Publisher"]
@@ -67,7 +67,7 @@ class Publisher:
     connection is waiting, not broken, and giving it up would only publish the same details again on another.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: BrokerSettings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self._window = asyncio.Semaphore(settings.max_in_flight)
@@ -88,8 +88,9 @@ class Publisher:
         self._timers: set[asyncio.Timeout] = set()
         self._refused_since: float | None = None  # first refusal since the last Basic.Ack
         self._refusal = ""
-        # Resolved once: a labels() lookup per publish is measurable at thousands of events per second.
-        self._published = {outcome: metrics.events_published.labels(outcome.value) for outcome in PublishOutcome}
+        self._connecting = asyncio.Lock()
+        self.ever_connected = False
+        """Whether a connection was ever open: a refusal before that is a configuration error."""
         metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
@@ -125,6 +126,19 @@ class Publisher:
         if refused_s < self._settings.ready_max_refused_s:
             return None
         return f"refused for {refused_s:.0f}s: {self._refusal}"
+
+    @property
+    def settings(self) -> BrokerSettings:
+        return self._settings
+
+    async def ensure_connected(self) -> None:
+        """Connect unless connected: the accounts share this publisher, and the first to ask opens it for all.
+
+        Raises what :meth:`connect` raises.
+        """
+        async with self._connecting:
+            if not self._connected:
+                await self.connect()
 
     async def connect(self) -> None:
         """Open the connection and confirm channel and declare the topology.
@@ -164,6 +178,7 @@ class Publisher:
         connection.close_callbacks.add(self._on_close)
         channel.close_callbacks.add(self._on_close)
         self._connected = True
+        self.ever_connected = True
         self._metrics.broker_connected.set(1)
         log.info("broker connected", extra={"broker": connection.broker})
 
@@ -267,7 +282,8 @@ class Publisher:
     async def publish(self, item: Publishable, *, invalid: bool = False) -> PublishOutcome:
         """Publish ``item`` (to the invalid exchange when ``invalid``) and wait for the broker's answer.
 
-        Waits for a place in the in-flight window first, so callers are paced by the broker's confirms.
+        Waits for a place in the in-flight window first, so callers are paced by the broker's confirms. The
+        caller counts the outcome, for its account.
         """
         async with self._window:
             self._in_flight += 1
@@ -281,7 +297,6 @@ class Publisher:
             self._metrics.confirm_latency.observe(time.perf_counter() - started)
         elif outcome is PublishOutcome.NACK:
             self._refused(_NACKED)
-        self._published[outcome].inc()
         return outcome
 
     async def _publish(self, item: Publishable, invalid: bool) -> PublishOutcome:

@@ -17,7 +17,7 @@ import aiormq
 
 from bridge import amqp
 from bridge.errors import BrokerError, BrokerRefusedError, BrokerUnavailableError
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings
 
 __all__ = ["CONNECT_ERRORS", "connect", "explain", "user_and_vhost"]
 
@@ -33,10 +33,10 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 _MAX_REPLY_CHARS = 300
 
 
-def user_and_vhost(settings: Settings) -> tuple[str, str]:
+def user_and_vhost(settings: BrokerSettings) -> tuple[str, str]:
     """The user name and the virtual host that ``BRIDGE_AMQP_URL`` asks for (aio-pika's reading of the URL).
 
-    Of its first URL, for a list: :meth:`Settings.amqp_node` gives the settings of another.
+    Of its first URL, for a list: :meth:`BrokerSettings.amqp_node` gives the settings of another.
     """
     parts = urlsplit(settings.amqp_urls[0])
     user = unquote(parts.username) if parts.username else "guest"
@@ -52,7 +52,7 @@ def _reply(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REPLY_CHARS else text[: _MAX_REPLY_CHARS - 1] + "…"
 
 
-def explain(exc: BaseException, settings: Settings, doing: str | None = None) -> BrokerError:
+def explain(exc: BaseException, settings: BrokerSettings, doing: str | None = None) -> BrokerError:
     """``exc`` (from aio-pika or aiormq, while ``doing`` something) as a one-line :class:`BrokerError`."""
     error = _classify_nodes(exc, settings) if isinstance(exc, amqp.NoNodeConnected) else _classify(exc, settings)
     if doing and not isinstance(error, BrokerUnavailableError):
@@ -60,7 +60,7 @@ def explain(exc: BaseException, settings: Settings, doing: str | None = None) ->
     return type(error)(settings.scrub(str(error)))
 
 
-def _classify_nodes(exc: amqp.NoNodeConnected, settings: Settings) -> BrokerError:
+def _classify_nodes(exc: amqp.NoNodeConnected, settings: BrokerSettings) -> BrokerError:
     """Every node of a ``BRIDGE_AMQP_URL`` list failed: each one's reason, and the gravest kind of them.
 
     A refusal by any node is a refusal: users, virtual hosts and permissions are the same on every node of a
@@ -77,7 +77,7 @@ def _classify_nodes(exc: amqp.NoNodeConnected, settings: Settings) -> BrokerErro
     return kind(f"no node of BRIDGE_AMQP_URL took the connection ({len(errors)} tried) - {reasons}")
 
 
-def _classify(exc: BaseException, settings: Settings) -> BrokerError:
+def _classify(exc: BaseException, settings: BrokerSettings) -> BrokerError:
     where = settings.amqp_url_masked
     user, vhost = user_and_vhost(settings)
     errors = aiormq.exceptions
@@ -138,7 +138,7 @@ def _classify(exc: BaseException, settings: Settings) -> BrokerError:
     )
 
 
-def _tls_problem(exc: BaseException, settings: Settings) -> BrokerError | None:
+def _tls_problem(exc: BaseException, settings: BrokerSettings) -> BrokerError | None:
     """A TLS failure as one line naming TLS, the host and the setting to use; None for anything else."""
     host = settings.amqp_url_masked.rpartition("@")[2].partition("/")[0]
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -168,7 +168,7 @@ def _refused_vhost(exc: BaseException) -> bool:
     return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in text and "Close" in text
 
 
-async def connect(settings: Settings) -> amqp.BrokerConnection:
+async def connect(settings: BrokerSettings) -> amqp.BrokerConnection:
     """Connect to ``BRIDGE_AMQP_URL`` as the bridge does (:func:`bridge.amqp.connect`: TLS, heartbeat, each URL
     of a list in turn); every failure is a one-line :class:`BrokerError` (see :func:`explain`)."""
     try:

@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from bridge import refusals
 from bridge.errors import BrokerError, BrokerUnavailableError
 from bridge.events import VALIDATION_ERROR_HEADER
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings
 
 __all__ = ["bind_temporary_queue", "format_json", "format_line", "tail", "temporary_queue_name"]
 
@@ -126,7 +126,7 @@ async def bind_temporary_queue(
 
 
 async def tail(
-    settings: Settings,
+    settings: BrokerSettings,
     stop: asyncio.Event,
     out: TextIO,
     *,

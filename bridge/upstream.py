@@ -52,10 +52,10 @@ from bridge.errors import (
     ThrottledError,
     UpstreamError,
 )
-from bridge.metrics import Metrics
+from bridge.metrics import AccountMetrics
 from bridge.records import RawRecord
-from bridge.settings import Settings, env_name
-from bridge.signing import Credentials, SignatureV1Auth, SignatureV3Auth, percent_encode
+from bridge.settings import AccountSettings, UpstreamSettings, env_name
+from bridge.signing import SignatureV1Auth, SignatureV3Auth, percent_encode
 
 __all__ = [
     "ACKNOWLEDGE_ACTION",
@@ -160,22 +160,17 @@ class UpstreamClient:
     def __init__(
         self,
         http: httpx.AsyncClient,
-        settings: Settings,
+        settings: UpstreamSettings,
+        account: AccountSettings,
         *,
-        metrics: Metrics | None = None,
+        metrics: AccountMetrics | None = None,
         clock: Callable[[], datetime] | None = None,
         nonce: Callable[[], str] | None = None,
     ) -> None:
-        settings.require_credentials()
-        # require_credentials raised when either is missing; the asserts are for the type checker.
-        assert settings.access_key_id is not None
-        assert settings.access_key_secret is not None
-        credentials = Credentials(
-            settings.access_key_id.get_secret_value(), settings.access_key_secret, settings.security_token
-        )
+        credentials = account.credentials
         auth_class: type[SignatureV1Auth | SignatureV3Auth] = SignatureV3Auth
         signer_options: dict[str, Any] = {}
-        if settings.signature_version == "v1":
+        if account.signature_version == "v1":
             auth_class = SignatureV1Auth
             signer_options["response_format"] = "json"  # as the official SDKs send it
         if clock is not None:
@@ -183,33 +178,34 @@ class UpstreamClient:
         if nonce is not None:
             signer_options["nonce"] = nonce
         self._http = http
-        self._settings = settings
+        self.settings = settings
+        self.account = account
         self._metrics = metrics
         self._clock = clock or (lambda: datetime.now(UTC))
         self._signer = auth_class(credentials, **signer_options)
-        self._url = settings.endpoint + "/"
+        self._url = account.base_url + "/"
         self._base_url = httpx.URL(self._url)  # parsed once; each call's query is added by the signer
-        self._version = settings.api_version
+        self._version = account.api_version
         self._timeout_s = settings.request_timeout_s
         self._timeout = httpx.Timeout(settings.request_timeout_s)
         self._max_bytes = settings.upstream_max_response_bytes
-        self._secrets = _secret_forms(settings.secret_values())
-        self._poll_filters = _poll_filters(settings)
-        self._dropped = _DROPPED_HEADERS_V1 if settings.signature_version == "v1" else _DROPPED_HEADERS
+        self._secrets = _secret_forms(account.secret_values())
+        self._poll_filters = _poll_filters(account)
+        self._dropped = _DROPPED_HEADERS_V1 if account.signature_version == "v1" else _DROPPED_HEADERS
         # The headers every official SDK sends besides the signature's (x-acs-action/-version go with V1 too).
         self._headers = {
             "accept-encoding": "identity",
             "user-agent": f"task-bridge/{__version__}",
             "x-acs-version": self._version,
-            "x-acs-credentials-provider": "static_sts" if settings.security_token is not None else "static_ak",
+            "x-acs-credentials-provider": "static_sts" if account.security_token is not None else "static_ak",
         }
-        if settings.security_token is not None and settings.signature_version == "v3":
+        if account.security_token is not None and account.signature_version == "v3":
             self._headers["x-acs-accesskey-id"] = credentials.access_key_id  # as the SDKs send it next to the token
 
     def __repr__(self) -> str:
         return (
             f"UpstreamClient(endpoint={self._url!r}, version={self._version!r}, "
-            f"signature={self._settings.signature_version!r})"
+            f"signature={self.account.signature_version!r})"
         )
 
     async def poll(self, page_num: int = 1, page_size: int | None = None) -> Page:
@@ -217,7 +213,7 @@ class UpstreamClient:
 
         Raises :class:`MalformedResponseError` for a page it cannot read, never returns it as empty.
         """
-        size = self._settings.page_size if page_size is None else page_size
+        size = self.settings.page_size if page_size is None else page_size
         params = [("PageNum", str(page_num)), ("PageSize", str(size)), *self._poll_filters]
         page = await self._call(POLL_ACTION, params, lambda body, suspect: _parse_page(body, suspect, page_num, size))
         if self._metrics is not None and page.total_items is not None:
@@ -234,8 +230,8 @@ class UpstreamClient:
         if not ids:
             return AckResult(sent=0, confirmed=0)
         params = [(f"TaskDetailNo.{n}", detail_no) for n, detail_no in enumerate(ids, start=1)]
-        if self._settings.user_client_ip:
-            params.append(("UserClientIp", self._settings.user_client_ip))
+        if self.account.user_client_ip:
+            params.append(("UserClientIp", self.account.user_client_ip))
         return await self._call(ACKNOWLEDGE_ACTION, params, lambda body, _: _ack_result(len(ids), body))
 
     # --- one request ---
@@ -246,7 +242,7 @@ class UpstreamClient:
 
         ``parse`` runs inside the request's accounting: a page it cannot read counts as ``malformed``.
         """
-        query = [("Action", action), ("Version", self._version), ("Lang", self._settings.lang), *params]
+        query = [("Action", action), ("Version", self._version), ("Lang", self.account.lang), *params]
         started = time.perf_counter()
         outcome: str | None = None
         try:
@@ -739,12 +735,12 @@ def _secret_forms(values: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
-def _poll_filters(settings: Settings) -> list[tuple[str, str]]:
+def _poll_filters(account: AccountSettings) -> list[tuple[str, str]]:
     filters = {
-        "TaskResultStatus": settings.task_result_status,
-        "DomainName": settings.domain_name,
-        "InstanceId": settings.instance_id,
-        "TaskNo": settings.task_no,
-        "UserClientIp": settings.user_client_ip,
+        "TaskResultStatus": account.task_result_status,
+        "DomainName": account.domain_name,
+        "InstanceId": account.instance_id,
+        "TaskNo": account.task_no,
+        "UserClientIp": account.user_client_ip,
     }
     return [(name, str(value)) for name, value in filters.items() if value is not None and value != ""]

@@ -253,7 +253,7 @@ class BackgroundDrain:
 async def draining(
     settings: Settings, sim: Simulator, metrics: Metrics, *, asgi: bool = True
 ) -> AsyncIterator[BackgroundDrain]:
-    """Start ``run --once`` in-process (over ASGI, or over real HTTP to ``settings.endpoint``); stop it after."""
+    """Start ``run --once`` in-process (over ASGI, or over real HTTP to the account's endpoint); stop it after."""
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         http = None
@@ -266,7 +266,7 @@ async def draining(
         finally:
             if not task.done():
                 stop.set()
-                await asyncio.wait([task], timeout=settings.shutdown_timeout_s + 5)
+                await asyncio.wait([task], timeout=settings.delivery.shutdown_timeout_s + 5)
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task  # retrieve its outcome; a failure was already reported by finished()

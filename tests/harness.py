@@ -18,9 +18,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from bridge.app import App
 from bridge.metrics import Metrics
-from bridge.settings import Settings
+from bridge.settings import Settings, load_settings
 from bridge.simulator import Simulator
 from bridge.topology import declare
+from bridge.upstream import UpstreamClient
 
 SIM_KEY_ID = "sim-access-key-id"
 SIM_KEY_SECRET = "sim-access-key-secret"
@@ -45,7 +46,10 @@ def bridge_settings(exchange: str, amqp_url: str, **overrides: Any) -> Settings:
         "once_deadline_s": 30.0,
     }
     values.update(overrides)
-    return Settings(**values)
+    if "accounts" in values:  # several accounts: each brings its credentials and endpoint
+        for key in ("access_key_id", "access_key_secret"):
+            values.pop(key)
+    return load_settings(**values)
 
 
 def bridge_env(settings: Settings) -> dict[str, str]:
@@ -55,21 +59,21 @@ def bridge_env(settings: Settings) -> dict[str, str]:
         {
             "ALIBABA_CLOUD_ACCESS_KEY_ID": SIM_KEY_ID,
             "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SIM_KEY_SECRET,
-            "BRIDGE_UPSTREAM_ENDPOINT": settings.endpoint,
-            "BRIDGE_AMQP_URL": settings.amqp_url.get_secret_value(),
-            "BRIDGE_EXCHANGE": settings.exchange,
+            "BRIDGE_UPSTREAM_ENDPOINT": settings.account.base_url,
+            "BRIDGE_AMQP_URL": settings.broker.amqp_url.get_secret_value(),
+            "BRIDGE_EXCHANGE": settings.broker.exchange,
             "BRIDGE_METRICS_HOST": "127.0.0.1",
             "BRIDGE_METRICS_PORT": "0",
-            "BRIDGE_PAGE_SIZE": str(settings.page_size),
-            "BRIDGE_POLL_INTERVAL_SECONDS": str(settings.poll_interval_s),
-            "BRIDGE_BACKOFF_INITIAL_SECONDS": str(settings.backoff_initial_s),
-            "BRIDGE_BACKOFF_MAX_SECONDS": str(settings.backoff_max_s),
-            "BRIDGE_REQUEST_TIMEOUT_SECONDS": str(settings.request_timeout_s),
-            "BRIDGE_SHUTDOWN_TIMEOUT_SECONDS": str(settings.shutdown_timeout_s),
-            "BRIDGE_PUBLISH_TIMEOUT_SECONDS": str(settings.publish_timeout_s),
-            "BRIDGE_ONCE_DEADLINE_SECONDS": str(settings.once_deadline_s),
-            "BRIDGE_MAX_IN_FLIGHT": str(settings.max_in_flight),
-            "BRIDGE_ACK_BATCH_SIZE": str(settings.ack_batch_size),
+            "BRIDGE_PAGE_SIZE": str(settings.upstream.page_size),
+            "BRIDGE_POLL_INTERVAL_SECONDS": str(settings.delivery.poll_interval_s),
+            "BRIDGE_BACKOFF_INITIAL_SECONDS": str(settings.delivery.backoff_initial_s),
+            "BRIDGE_BACKOFF_MAX_SECONDS": str(settings.delivery.backoff_max_s),
+            "BRIDGE_REQUEST_TIMEOUT_SECONDS": str(settings.upstream.request_timeout_s),
+            "BRIDGE_SHUTDOWN_TIMEOUT_SECONDS": str(settings.delivery.shutdown_timeout_s),
+            "BRIDGE_PUBLISH_TIMEOUT_SECONDS": str(settings.broker.publish_timeout_s),
+            "BRIDGE_ONCE_DEADLINE_SECONDS": str(settings.delivery.once_deadline_s),
+            "BRIDGE_MAX_IN_FLIGHT": str(settings.broker.max_in_flight),
+            "BRIDGE_ACK_BATCH_SIZE": str(settings.upstream.ack_batch_size),
         }
     )
     return env
@@ -202,5 +206,20 @@ def body(message: AbstractIncomingMessage) -> Any:
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    """The current value of one exported sample (0 when it has not been exported yet)."""
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+    """The sum of the exported samples ``name`` whose labels include ``labels`` (over every account, unless
+    ``account=`` is given); 0 when none has been exported yet."""
+    return sum(
+        s.value
+        for metric in metrics.registry.collect()
+        for s in metric.samples
+        if s.name == name and all(s.labels.get(key) == value for key, value in labels.items())
+    )
+
+
+def upstream_client(
+    http: httpx.AsyncClient, settings: Settings, *, metrics: Metrics | None = None, **options: Any
+) -> UpstreamClient:
+    """The upstream client of the first account of ``settings``, counting into ``metrics`` when given."""
+    account = settings.account
+    account_metrics = metrics.account(account.name) if metrics is not None else None
+    return UpstreamClient(http, settings.upstream, account, metrics=account_metrics, **options)

@@ -19,7 +19,7 @@ from bridge.acknowledger import Acknowledger
 from bridge.ledger import Ledger
 from bridge.metrics import Metrics
 from bridge.records import RawRecord
-from bridge.settings import Settings
+from bridge.settings import Settings, load_settings
 from bridge.simulator import Simulator
 from bridge.upstream import ACK_IDS_MAX_BYTES, UpstreamClient
 from tests.harness import SIM_KEY_ID, SIM_KEY_SECRET, sample
@@ -54,14 +54,18 @@ def settings(**overrides: Any) -> Settings:
         "backoff_max_s": 0.05,
     }
     values.update(overrides)
-    return Settings(**values)
+    return load_settings(**values)
 
 
 async def acknowledge_all(app: Any, config: Settings, ids: list[str], metrics: Metrics) -> Acknowledger:
     """Feed ``ids`` to an acknowledger over ``app`` and wait until none is outstanding."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
-        ledger = Ledger(metrics, ack_memory=config.ack_memory, batch_size=config.ack_batch_size)
-        acks = Acknowledger(UpstreamClient(http, config), config, metrics, ledger)
+        ledger = Ledger(
+            metrics.account("default"), ack_memory=config.delivery.ack_memory, batch_size=config.upstream.ack_batch_size
+        )
+        acks = Acknowledger(
+            UpstreamClient(http, config.upstream, config.account), config.delivery, metrics.account("default"), ledger
+        )
         task = asyncio.create_task(acks.run())
         try:
             # Each id as a detail polled, published and confirmed: nothing else is in flight.
@@ -92,7 +96,7 @@ async def test_the_default_batch_of_32_character_ids_stays_within_8_kib() -> Non
         seen.append(request)
         return httpx.Response(200, json={"RequestId": "R", "Result": 100})
 
-    config = Settings(
+    config = load_settings(
         access_key_id="LTAI5t" + "x" * 18,
         access_key_secret="secret",
         security_token=token,
@@ -100,9 +104,11 @@ async def test_the_default_batch_of_32_character_ids_stays_within_8_kib() -> Non
         user_client_ip="255.255.255.255",
     )
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-        await UpstreamClient(http, config).acknowledge([secrets.token_hex(16) for _ in range(config.ack_batch_size)])
+        await UpstreamClient(http, config.upstream, config.account).acknowledge(
+            [secrets.token_hex(16) for _ in range(config.upstream.ack_batch_size)]
+        )
     line = f"POST {seen[0].url.raw_path.decode()} HTTP/1.1"
-    assert config.ack_batch_size == 100
+    assert config.upstream.ack_batch_size == 100
     assert len(line) <= REQUEST_LINE_LIMIT, len(line)  # measured 6613
 
 

@@ -10,7 +10,7 @@ from bridge.acknowledger import Acknowledger
 from bridge.errors import FatalUpstreamError, RefusedParametersError, UpstreamError
 from bridge.ledger import Ledger
 from bridge.metrics import Metrics
-from bridge.settings import Settings
+from bridge.settings import load_settings
 from bridge.upstream import ACKNOWLEDGE_ACTION
 from tests.harness import sample
 
@@ -20,9 +20,10 @@ def refusal(kind: type[UpstreamError], status: int, code: str | None) -> Upstrea
 
 
 def acknowledger(metrics: Metrics, batch_size: int = 500) -> Acknowledger:
-    settings = Settings(access_key_id="id", access_key_secret="secret", ack_batch_size=batch_size)
-    ledger = Ledger(metrics, ack_memory=settings.ack_memory, batch_size=batch_size)
-    return Acknowledger(None, settings, metrics, ledger)  # type: ignore[arg-type]  # no call is made here
+    settings = load_settings(access_key_id="id", access_key_secret="secret", ack_batch_size=batch_size)
+    ledger = Ledger(metrics.account("default"), ack_memory=settings.delivery.ack_memory, batch_size=batch_size)
+    upstream = SimpleNamespace(settings=settings.upstream)  # its settings only: no call is made here
+    return Acknowledger(upstream, settings.delivery, metrics.account("default"), ledger)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

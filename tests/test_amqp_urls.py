@@ -49,34 +49,34 @@ def _problem(url: str) -> str:
 
 def test_several_urls_are_read_in_order_with_spaces_around_the_commas() -> None:
     settings = load_settings(amqp_url=THREE)
-    assert settings.amqp_urls == [
+    assert settings.broker.amqp_urls == [
         f"amqp://bridge:{PASSWORDS[0]}@rabbit-0:5672/prod",
         f"amqp://bridge:{PASSWORDS[1]}@rabbit-1:5673/prod",
         f"amqp://bridge:{PASSWORDS[2]}@[::1]/prod",
     ]
-    assert [settings.amqp_node(i).amqp_urls for i in range(3)] == [[url] for url in settings.amqp_urls]
-    assert settings.amqp_node(4).amqp_urls == [settings.amqp_urls[1]], "the index wraps around"
+    assert [settings.broker.amqp_node(i).amqp_urls for i in range(3)] == [[url] for url in settings.broker.amqp_urls]
+    assert settings.broker.amqp_node(4).amqp_urls == [settings.broker.amqp_urls[1]], "the index wraps around"
 
 
 def test_one_url_is_one_node() -> None:
     settings = load_settings(amqp_url="amqp://bridge:pw-single@rabbit:5672/")
-    assert settings.amqp_urls == ["amqp://bridge:pw-single@rabbit:5672/"]
-    assert settings.amqp_node(0) is settings
-    assert settings.amqp_url_masked == "amqp://bridge:***@rabbit:5672/"
+    assert settings.broker.amqp_urls == ["amqp://bridge:pw-single@rabbit:5672/"]
+    assert settings.broker.amqp_node(0) is settings.broker
+    assert settings.broker.amqp_url_masked == "amqp://bridge:***@rabbit:5672/"
 
 
 def test_a_comma_inside_a_password_needs_no_escape() -> None:
     settings = load_settings(amqp_url="amqp://u:pa,ss-word@h1/,amqp://u:other,pw@h2/")
-    assert settings.amqp_urls == ["amqp://u:pa,ss-word@h1/", "amqp://u:other,pw@h2/"]
-    assert settings.amqp_url_masked == "amqp://u:***@h1/, amqp://u:***@h2/"
+    assert settings.broker.amqp_urls == ["amqp://u:pa,ss-word@h1/", "amqp://u:other,pw@h2/"]
+    assert settings.broker.amqp_url_masked == "amqp://u:***@h1/, amqp://u:***@h2/"
 
 
 def test_the_masked_form_shows_every_host_and_hides_every_password() -> None:
     settings = load_settings(amqp_url=THREE)
     masked = "amqp://bridge:***@rabbit-0:5672/prod, amqp://bridge:***@rabbit-1:5673/prod, amqp://bridge:***@[::1]/prod"
-    assert settings.amqp_url_masked == masked
+    assert settings.broker.amqp_url_masked == masked
     assert settings.masked()["amqp_url"] == masked
-    text = f"failed: {THREE} / {settings.amqp_urls[1]} / password {PASSWORDS[2]}"
+    text = f"failed: {THREE} / {settings.broker.amqp_urls[1]} / password {PASSWORDS[2]}"
     scrubbed = settings.scrub(text)
     assert not any(password in scrubbed for password in PASSWORDS)
     shown = [repr(settings), str(settings), settings.model_dump_json()]
@@ -114,8 +114,8 @@ def test_a_list_can_come_from_the_file_variant(monkeypatch: pytest.MonkeyPatch, 
     path.write_text(THREE + "\n", encoding="utf-8")
     monkeypatch.setenv("BRIDGE_AMQP_URL_FILE", str(path))
     settings = load_settings()
-    assert len(settings.amqp_urls) == 3
-    assert PASSWORDS[0] not in settings.amqp_url_masked
+    assert len(settings.broker.amqp_urls) == 3
+    assert PASSWORDS[0] not in settings.broker.amqp_url_masked
 
 
 def test_a_bad_url_from_the_file_variant_is_named_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ async def test_connect_goes_on_to_the_next_node_when_one_does_not_answer(
     caplog.set_level(logging.WARNING, logger="bridge.amqp")
     closed = _closed_url()
     settings = _settings(closed, broker_url)
-    connection = await amqp.connect(settings)
+    connection = await amqp.connect(settings.broker)
     try:
         assert connection.node_index == 1
         assert connection.broker == broker_url.replace(":guest@", ":***@")
@@ -162,7 +162,7 @@ async def test_a_port_nobody_listens_on_is_unavailable_not_a_broker_error() -> N
     # Unavailable is retried with backoff (and a cluster's next node tried); a plain BrokerError stops the bridge.
     url = _closed_url()
     with pytest.raises(BrokerUnavailableError) as caught:
-        await refusals.connect(_settings(url))
+        await refusals.connect(_settings(url).broker)
     assert str(caught.value).startswith(f"cannot connect to amqp://guest:***@127.0.0.1:{amqp_port(url)}/")
 
 
@@ -170,7 +170,7 @@ async def test_a_port_nobody_listens_on_is_unavailable_not_a_broker_error() -> N
 async def test_every_node_down_is_one_line_naming_each(broker_url: str) -> None:
     first, second = _closed_url("pw-one"), _closed_url("pw-two")
     with pytest.raises(BrokerUnavailableError) as caught:
-        await refusals.connect(_settings(first, second))
+        await refusals.connect(_settings(first, second).broker)
     text = str(caught.value)
     assert "\n" not in text
     assert text.startswith("no node of BRIDGE_AMQP_URL took the connection (2 tried)")
@@ -195,7 +195,7 @@ async def test_the_publisher_moves_to_the_next_node_on_each_reconnect(broker_url
     async with TcpProxy(amqp_port(broker_url)) as proxy:
         other = proxy.url(broker_url)
         settings = bridge_settings(exchange_name, f"{broker_url},{other}")
-        publisher = Publisher(settings, Metrics())
+        publisher = Publisher(settings.broker, Metrics())
         seen = []
         try:
             for _ in range(3):

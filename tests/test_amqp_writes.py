@@ -18,7 +18,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 
 from bridge import amqp
-from bridge.settings import Settings
+from bridge.settings import load_settings
 
 
 def frame(payload: bytes, *, close: bool = False, drain: asyncio.Future[None] | None = None) -> ChannelFrame:
@@ -106,8 +106,8 @@ async def test_a_window_of_publishes_leaves_in_a_few_writes_and_arrives_in_order
     broker_url: str, writes: list[int]
 ) -> None:
     name = f"test.writes.{uuid.uuid4().hex[:12]}"
-    settings = Settings(amqp_url=broker_url)
-    connection = await amqp.connect(settings)
+    settings = load_settings(amqp_url=broker_url)
+    connection = await amqp.connect(settings.broker)
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)

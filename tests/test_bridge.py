@@ -375,7 +375,7 @@ async def test_new_detail_is_published_within_the_poll_interval(broker: Broker, 
         (message,) = await broker.wait_for(queue.name, 1, timeout_s=5)
         latency = time.monotonic() - appeared
     assert message.message_id == new_id
-    assert latency <= settings.poll_interval_s * 1.1 + 1.0
+    assert latency <= settings.delivery.poll_interval_s * 1.1 + 1.0
 
 
 async def test_wrong_secret_stops_with_a_fatal_error(broker: Broker, broker_url: str) -> None:
@@ -420,7 +420,7 @@ async def test_operator_port_reports_health_readiness_and_metrics(broker: Broker
         text = (await http.get(f"{base}/metrics")).text
         assert 'bridge_events_published_total{outcome="ack"} 50.0' in text
         assert "bridge_broker_connected 1.0" in text
-        assert settings.amqp_url.get_secret_value() not in text
+        assert settings.broker.amqp_url.get_secret_value() not in text
 
 
 async def test_not_ready_while_the_broker_is_unreachable(exchange_name: str) -> None:

@@ -24,7 +24,7 @@ from bridge.cli import EXIT_FAILURE, EXIT_USAGE
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
 from bridge.publisher import PublishOutcome
-from bridge.settings import Settings
+from bridge.settings import Settings, default_of
 from bridge.simulator import Simulator
 from bridge.upstream import UpstreamClient
 from tests.faults_support import ScenarioQueues, TcpProxy, draining, scenario_queues
@@ -197,7 +197,7 @@ async def test_idle_bridge_notices_a_dead_link_by_heartbeat(node: PrivateNode, q
 
 
 def test_default_heartbeat_notices_a_dead_link_within_30_seconds() -> None:
-    default = Settings.model_fields["amqp_heartbeat_s"].default
+    default = default_of("amqp_heartbeat_s")
     assert dead_link_detection_s(default) <= 30
     # aiormq's own arithmetic, which dead_link_detection_s restates: (heartbeat + 1) * 3 s of silence.
     assert dead_link_detection_s(10) > 30
@@ -453,7 +453,12 @@ async def test_first_fully_confirmed_round_after_nacks_ends_the_backoff() -> Non
     publisher = NackingPublisher(refuse=page)  # the first round is refused, every later one confirmed
     started = time.monotonic()
     async with asgi_client(sim) as http:
-        loop = BridgeLoop(settings, UpstreamClient(http, settings, metrics=metrics), publisher, metrics)  # type: ignore[arg-type]
+        loop = BridgeLoop(
+            settings,
+            UpstreamClient(http, settings.upstream, settings.account, metrics=metrics.account(settings.account.name)),
+            publisher,
+            metrics,
+        )  # type: ignore[arg-type]
         complete = await asyncio.wait_for(loop.run(asyncio.Event(), once=True), 60)
     elapsed = time.monotonic() - started
     assert complete and sim.pending_count == 0

@@ -28,7 +28,7 @@ from bridge.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bridge.events import Event, convert
 from bridge.logs import JsonFormatter, TextFormatter, configure_logging
 from bridge.refusals import explain
-from bridge.settings import Settings, env_name
+from bridge.settings import SETTING_NAMES, env_name
 from bridge.simulator import Faults, Simulator, running
 from bridge.topology import declare
 from bridge.upstream import RawRecord
@@ -361,7 +361,7 @@ async def test_config_shows_each_value_and_where_it_came_from(tmp_path: Path) ->
     code, out, err = await run_in(tmp_path, env, "config", "--json")
     assert code == EXIT_OK, err
     rows = {row["variable"]: row for row in map(json.loads, out.splitlines())}
-    assert set(rows) == {env_name(field) for field in Settings.model_fields}
+    assert set(rows) == {env_name(field) for field in SETTING_NAMES}
 
     def seen(variable: str) -> tuple[Any, str]:
         return rows[variable]["value"], rows[variable]["origin"]
@@ -578,7 +578,9 @@ async def _consume_one_failure(
 
 def test_a_refusal_names_the_guest_user_whose_password_is_its_name() -> None:
     settings = bridge_settings("x", "amqp://guest:guest@127.0.0.1:5672/tb-nowhere")
-    line = str(explain(aio_pika.exceptions.ProbableAuthenticationError("ACCESS_REFUSED - Login was refused"), settings))
+    line = str(
+        explain(aio_pika.exceptions.ProbableAuthenticationError("ACCESS_REFUSED - Login was refused"), settings.broker)
+    )
     assert "user 'guest'" in line and "amqp://guest:***@127.0.0.1:5672/tb-nowhere" in line
     secret = bridge_settings("x", "amqp://bridge:pw-Kx9@127.0.0.1:5672/")
     assert secret.scrub("bridge pw-Kx9") == "bridge ***"

@@ -31,7 +31,7 @@ from bridge.events import (
 )
 from bridge.records import RawRecord
 from bridge.schema import event_json_schema, main, schema_text
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings
 from bridge.topology import describe
 from tests.samples import task_detail as detail
 
@@ -39,8 +39,8 @@ CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 SCHEMA_FILE = CONTRACT / "event.schema.json"
 ASYNCAPI_FILE = CONTRACT / "asyncapi.yaml"
 # The defaults, not Settings(): the environment or a .env file must not change what the contract is checked against.
-DEFAULT_EXCHANGE: str = Settings.model_fields["exchange"].default
-DEFAULT_SOURCE: str = Settings.model_fields["event_source"].default
+DEFAULT_EXCHANGE: str = BrokerSettings.model_fields["exchange"].default
+DEFAULT_SOURCE: str = BrokerSettings.model_fields["event_source"].default
 
 
 @pytest.fixture(scope="module")

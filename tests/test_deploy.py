@@ -27,19 +27,17 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
-from pydantic import AliasChoices
 
 from bridge.leadership import Leadership, lock_name
 from bridge.metrics import Metrics
-from bridge.settings import SECRET_FIELDS, Settings, env_name, load_settings
+from bridge.settings import SECRET_FIELDS, SETTING_NAMES, default_of, env_name, load_settings
 from bridge.topology import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-DEFAULTS = Settings.model_fields
-METRICS_PORT: int = DEFAULTS["metrics_port"].default
-SHUTDOWN_TIMEOUT_S: float = DEFAULTS["shutdown_timeout_s"].default
+METRICS_PORT: int = default_of("metrics_port")
+SHUTDOWN_TIMEOUT_S: float = default_of("shutdown_timeout_s")
 
 
 # --- helpers ---
@@ -47,18 +45,7 @@ SHUTDOWN_TIMEOUT_S: float = DEFAULTS["shutdown_timeout_s"].default
 
 def _env_names() -> dict[str, str]:
     """Every environment variable the settings read, mapped to its field (``<VAR>_FILE`` for secrets too)."""
-    names: dict[str, str] = {}
-    for field, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            choices = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
-        elif isinstance(alias, str):
-            choices = [alias]
-        else:
-            choices = [f"BRIDGE_{field.upper()}"]
-        assert choices, field
-        for name in choices:
-            names[name] = field
+    names: dict[str, str] = {env_name(field): field for field in SETTING_NAMES}
     for field in SECRET_FIELDS:
         names[f"{env_name(field)}_FILE"] = field
     return names
@@ -192,31 +179,30 @@ def test_bridge_environment_is_valid_and_matches_the_simulator(
     _isolated_env(monkeypatch, tmp_path)
     for key, value in _environment(services["bridge"]).items():
         monkeypatch.setenv(key, value)
-    settings = load_settings()
-    settings.require_credentials()
+    settings = load_settings(credentials=True)
 
     simulator = _command(services["simulator"])
     assert simulator[0] == "simulate"
     assert _option(simulator, "--host") == "0.0.0.0"
-    assert settings.endpoint == f"http://simulator:{_option(simulator, '--port')}"
-    assert settings.access_key_id is not None and settings.access_key_secret is not None
+    assert settings.account.base_url == f"http://simulator:{_option(simulator, '--port')}"
+    assert settings.account.access_key_id is not None and settings.account.access_key_secret is not None
     # The simulator's keys default to these; the compose file may spell them out, but they must agree.
     sim_id = _option(simulator, "--access-key-id") if "--access-key-id" in simulator else "sim-access-key-id"
     sim_secret = (
         _option(simulator, "--access-key-secret") if "--access-key-secret" in simulator else "sim-access-key-secret"
     )
-    assert settings.access_key_id.get_secret_value() == sim_id
-    assert settings.access_key_secret.get_secret_value() == sim_secret
+    assert settings.account.access_key_id.get_secret_value() == sim_id
+    assert settings.account.access_key_secret.get_secret_value() == sim_secret
 
     # The AMQP user is one the definitions create, with the password the URL carries.
-    url = settings.amqp_url.get_secret_value()
+    url = settings.broker.amqp_url.get_secret_value()
     match = re.fullmatch(r"amqp://([^:@/]+):([^@/]+)@rabbitmq:5672/", url)
-    assert match, settings.amqp_url_masked
+    assert match, settings.broker.amqp_url_masked
     user, password = match.groups()
     definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text(encoding="utf-8"))
     entry = next(u for u in definitions["users"] if u["name"] == user)
     assert _rabbit_password_matches(entry, password)
-    assert settings.exchange == "domain.tasks"
+    assert settings.broker.exchange == "domain.tasks"
 
 
 def test_bridge_replicas_ports_and_stop_grace_period(services: dict[str, Any]) -> None:
@@ -599,11 +585,10 @@ def test_secret_files_are_mounted_where_the_file_variables_point(
         local = tmp_path / mounted[path]
         local.write_text(secret["stringData"][mounted[path]] + "\n", encoding="utf-8")
         monkeypatch.setenv(var, str(local))
-    settings = load_settings()
-    settings.require_credentials()
-    assert settings.access_key_secret is not None
-    assert settings.access_key_secret.get_secret_value() == secret["stringData"]["access-key-secret"]
-    assert settings.amqp_url.get_secret_value() == secret["stringData"]["amqp-url"]
+    settings = load_settings(credentials=True)
+    assert settings.account.access_key_secret is not None
+    assert settings.account.access_key_secret.get_secret_value() == secret["stringData"]["access-key-secret"]
+    assert settings.broker.amqp_url.get_secret_value() == secret["stringData"]["amqp-url"]
 
 
 def test_service_and_servicemonitor_select_the_bridge(deployment: dict[str, Any], container: dict[str, Any]) -> None:
@@ -732,6 +717,7 @@ def test_metric_names_exist(path: Path) -> None:
     used = _metric_tokens(path.read_text(encoding="utf-8"))
     assert used
     metrics = Metrics()
+    metrics.account("default")  # the per-account samples exist once an account has them
     Leadership("default", "domain.tasks", metrics.leadership)  # the election's samples exist per account
     unknown = sorted(used - metrics.names())
     assert not unknown, f"{path.name} uses metrics bridge/metrics.py does not export: {unknown}"
@@ -807,7 +793,9 @@ def test_every_alert_has_a_runbook_section() -> None:
 
 
 def test_process_metrics_are_exported() -> None:
-    names = Metrics().names()
+    metrics = Metrics()
+    metrics.account("default")
+    names = metrics.names()
     for name in ("process_start_time_seconds", "process_cpu_seconds_total", "process_resident_memory_bytes"):
         assert name in names
     assert "python_info" in names

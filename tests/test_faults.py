@@ -315,7 +315,7 @@ async def test_sigterm_mid_drain_then_started_again(
             await eventually(lambda: sim.acknowledged_count >= details // 5, timeout_s=30, what="drain under way")
             stopped.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            code = await asyncio.wait_for(stopped.wait(), settings.shutdown_timeout_s + 5)
+            code = await asyncio.wait_for(stopped.wait(), settings.delivery.shutdown_timeout_s + 5)
             stop_s = time.monotonic() - signalled
         finally:
             if stopped.returncode is None:
@@ -330,7 +330,7 @@ async def test_sigterm_mid_drain_then_started_again(
     result = await queues.tally(sim, details, taken=events_at_exit)
     fault_table.add("SIGTERM mid-drain, then started again", result, seconds)
     assert code == EXIT_OK, log_tail(log)
-    assert stop_s < settings.shutdown_timeout_s
+    assert stop_s < settings.delivery.shutdown_timeout_s
     assert pending_at_exit > 0, "the signal should land mid-drain"
     # A graceful stop finishes its publishes and acknowledges everything confirmed: nothing is left for the
     # next run to publish again, and nothing was acknowledged without its event.

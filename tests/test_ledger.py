@@ -29,7 +29,7 @@ def record(detail_no: str | None, content: int = 0) -> RawRecord:
 
 def ledger(ack_memory: int = 1000, batch_size: int = 3) -> tuple[Ledger, Metrics]:
     metrics = Metrics()
-    return Ledger(metrics, ack_memory=ack_memory, batch_size=batch_size), metrics
+    return Ledger(metrics.account("default"), ack_memory=ack_memory, batch_size=batch_size), metrics
 
 
 def test_a_detail_goes_from_polled_to_acknowledged() -> None:

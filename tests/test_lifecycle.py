@@ -16,7 +16,7 @@ from bridge.app import App
 from bridge.errors import BridgeError, BrokerRefusedError, FatalUpstreamError
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings, Settings, load_settings
 from bridge.simulator import Faults, Simulator
 from bridge.upstream import ACKNOWLEDGE_ACTION, Page
 from tests.harness import Broker, bridge_settings, broker_view, eventually, sample
@@ -99,7 +99,7 @@ async def test_a_stop_publishes_only_what_is_on_the_wire_and_leaves_no_task(brok
         assert app.loop is not None and app.loop.ledger.in_flight > window, "publishes should be queued"
         stop.set()
         at_stop = sum(sample(metrics, "bridge_events_published_total", outcome=o) for o in ("ack", "nack"))
-        complete = await asyncio.wait_for(run, settings.shutdown_timeout_s + 5)
+        complete = await asyncio.wait_for(run, settings.delivery.shutdown_timeout_s + 5)
     after = sum(sample(metrics, "bridge_events_published_total", outcome=o) for o in ("ack", "nack"))
     assert complete
     assert after - at_stop <= 2 * window, "queued publishes went on after the stop"
@@ -113,6 +113,10 @@ async def test_a_stop_publishes_only_what_is_on_the_wire_and_leaves_no_task(brok
 class FakeUpstream:
     """An upstream with nothing pending."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.upstream
+        self.account = settings.account
+
     async def poll(self, page_num: int = 1, page_size: int | None = None) -> Page:
         return Page(request_id="r", page_num=page_num, page_size=page_size or 1, total_items=0, total_pages=0)
 
@@ -124,17 +128,19 @@ class RefusingPublisher:
         self.refused = refused
         self.attempts = 0
         self.connected = False
+        self.ever_connected = False
         self.last_refusal: str | None = None
+        self.settings = BrokerSettings(max_in_flight=2)
 
-    async def connect(self) -> None:
+    async def ensure_connected(self) -> None:
         attempt, self.attempts = self.attempts, self.attempts + 1
         if attempt in self.refused:
             raise BrokerRefusedError("ACCESS_REFUSED - Login was refused")
-        self.connected = True
+        self.connected = self.ever_connected = True
 
 
 def fake_loop(publisher: RefusingPublisher) -> BridgeLoop:
-    settings = Settings(
+    settings = load_settings(
         access_key_id="id",
         access_key_secret="secret",
         backoff_initial_s=0.01,
@@ -142,7 +148,8 @@ def fake_loop(publisher: RefusingPublisher) -> BridgeLoop:
         max_in_flight=2,
         poll_interval_s=0.1,
     )
-    return BridgeLoop(settings, FakeUpstream(), publisher, Metrics())  # type: ignore[arg-type]
+    upstream = FakeUpstream(settings)
+    return BridgeLoop(settings.delivery, upstream, publisher, Metrics().account("default"))  # type: ignore[arg-type]
 
 
 async def test_a_broker_refusal_at_start_is_fatal() -> None:

@@ -24,7 +24,7 @@ from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
 from bridge.publisher import PublishOutcome
 from bridge.records import RawRecord
-from bridge.settings import Settings
+from bridge.settings import BrokerSettings, Settings, load_settings
 from bridge.upstream import ACKNOWLEDGE_ACTION, AckResult, Page
 from tests.samples import task_detail
 
@@ -33,7 +33,9 @@ ACK_OUTCOMES = ["applied", "applied", "in_part", "dropped", "unusable", "failed"
 
 
 class Broker:
-    def __init__(self, outcomes: Iterator[PublishOutcome]) -> None:
+    def __init__(self, outcomes: Iterator[PublishOutcome], settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.ever_connected = True
         self.connected = True
         self.last_refusal: str | None = None
         self.blocked_reason: str | None = None
@@ -43,7 +45,7 @@ class Broker:
         self.confirmed: set[str] = set()
         self.publishes = 0
 
-    async def connect(self) -> None:
+    async def ensure_connected(self) -> None:
         self.connected = True
 
     async def publish(self, item: Any, *, invalid: bool = False) -> PublishOutcome:
@@ -61,7 +63,11 @@ class Broker:
 
 
 class Upstream:
-    def __init__(self, count: int, broker: Broker, outcomes: Iterator[str], rng: random.Random | None) -> None:
+    def __init__(
+        self, count: int, broker: Broker, outcomes: Iterator[str], rng: random.Random | None, settings: Settings
+    ) -> None:
+        self.settings = settings.upstream
+        self.account = settings.account
         self.pending = [f"T{n:04d}" for n in range(count)]
         self.broker = broker
         self.outcomes = outcomes
@@ -118,10 +124,7 @@ def test_the_loop_drains_without_acknowledging_unconfirmed_or_publishing_held_id
     acks: list[str],
     unordered: int | None,
 ) -> None:
-    broker = Broker(iter(publishes))
-    rng = random.Random(unordered) if unordered is not None else None
-    upstream = Upstream(count, broker, iter(acks), rng)
-    config = Settings(
+    config = load_settings(
         access_key_id="id",
         access_key_secret="secret",
         page_size=page_size,
@@ -132,7 +135,10 @@ def test_the_loop_drains_without_acknowledging_unconfirmed_or_publishing_held_id
         backoff_initial_s=0.001,
         backoff_max_s=0.002,
     )
-    loop = BridgeLoop(config, upstream, broker, Metrics())  # type: ignore[arg-type]
+    broker = Broker(iter(publishes), config.broker)
+    rng = random.Random(unordered) if unordered is not None else None
+    upstream = Upstream(count, broker, iter(acks), rng, config)
+    loop = BridgeLoop(config.delivery, upstream, broker, Metrics().account("default"))  # type: ignore[arg-type]
 
     async def drain() -> bool:
         async with asyncio.timeout(30):

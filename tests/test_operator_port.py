@@ -95,7 +95,7 @@ def _steady(exposition: bytes) -> list[bytes]:
 
 async def test_metrics_are_exactly_what_prometheus_client_generates() -> None:
     metrics = Metrics()
-    metrics.polls.labels("ok").inc(3)
+    metrics.account("default").polls.labels("ok").inc(3)
     async with _port(metrics) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         text = await http.get("/metrics", headers={"accept-encoding": "identity"})
         openmetrics = await http.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
@@ -106,7 +106,8 @@ async def test_metrics_are_exactly_what_prometheus_client_generates() -> None:
     assert _steady(openmetrics.content) == _steady(generate_openmetrics(metrics.registry))
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     assert zipped.headers["content-encoding"] == "gzip" and _steady(zipped.content) == _steady(text.content)
-    assert b'bridge_polls_total{outcome="ok"} 3.0' in only.content and b"bridge_info" not in only.content
+    assert b'bridge_polls_total{account="default",outcome="ok"} 3.0' in only.content
+    assert b"bridge_info" not in only.content
 
 
 async def test_metrics_renders_are_reused_and_budgeted() -> None:

@@ -33,7 +33,7 @@ from alibabacloud_domain_intl20171218.client import Client as IntlClient
 from alibabacloud_tea_openapi.utils_models import Config
 
 from bridge.app import upstream_http_client
-from bridge.settings import Settings
+from bridge.settings import load_settings
 from bridge.simulator import Simulator, running
 from bridge.upstream import UpstreamClient
 
@@ -148,8 +148,8 @@ async def test_the_bridge_sends_what_the_official_sdk_sends(
         "upstream_api": flavour,
         "signature_version": SIGNATURES[algorithm],
     }
-    plain = Settings(**common, lang="en")
-    filtered = Settings(
+    plain = load_settings(**common, lang="en")
+    filtered = load_settings(
         **common,
         lang="zh",
         task_result_status=2,
@@ -166,8 +166,11 @@ async def test_the_bridge_sends_what_the_official_sdk_sends(
         "user_client_ip": "192.0.2.9",
     }
 
-    async with upstream_http_client(plain) as http:
-        bridge_plain, bridge_filtered = UpstreamClient(http, plain), UpstreamClient(http, filtered)
+    async with upstream_http_client(plain.upstream) as http:
+        bridge_plain, bridge_filtered = (
+            UpstreamClient(http, plain.upstream, plain.account),
+            UpstreamClient(http, filtered.upstream, filtered.account),
+        )
 
         # PollTaskResult, every parameter the bridge sends.
         answer = await asyncio.to_thread(

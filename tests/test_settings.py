@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import SettingsError
-from bridge.settings import API_FLAVOURS, SECRET_FIELDS, Settings, env_name, load_settings
+from bridge.settings import API_FLAVOURS, SECRET_FIELDS, env_name, load_settings
 
 SECRET = "s3cr3t-Value-42"
 TOKEN = "STS.token+/=value-77"
@@ -116,14 +116,14 @@ def test_secrets_never_appear_in_repr_str_dump_or_errors(monkeypatch: pytest.Mon
     monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", TOKEN)
     monkeypatch.setenv("BRIDGE_AMQP_URL", f"amqp://bridge:{AMQP_PASSWORD}@rabbit:5672/vhost")
     settings = load_settings()
-    shown = [repr(settings), str(settings), settings.model_dump_json(), settings.amqp_url_masked]
+    shown = [repr(settings), str(settings), settings.model_dump_json(), settings.broker.amqp_url_masked]
     for text in shown:
         for secret in (SECRET, TOKEN, AMQP_PASSWORD):
             assert secret not in text
-    assert settings.amqp_url_masked == "amqp://bridge:***@rabbit:5672/vhost"
+    assert settings.broker.amqp_url_masked == "amqp://bridge:***@rabbit:5672/vhost"
     # The values themselves are intact behind the SecretStr.
-    assert settings.access_key_secret is not None
-    assert settings.access_key_secret.get_secret_value() == SECRET
+    assert settings.account.access_key_secret is not None
+    assert settings.account.access_key_secret.get_secret_value() == SECRET
     # An unrelated error while secrets are set does not drag them into the message.
     monkeypatch.setenv("BRIDGE_PAGE_SIZE", "0")
     with pytest.raises(SettingsError) as caught:
@@ -133,9 +133,8 @@ def test_secrets_never_appear_in_repr_str_dump_or_errors(monkeypatch: pytest.Mon
 
 
 def test_missing_credentials_name_both_variables() -> None:
-    settings = load_settings()
     with pytest.raises(SettingsError) as caught:
-        settings.require_credentials()
+        load_settings(credentials=True)
     assert [line.split(":")[0] for line in caught.value.problems] == [
         "ALIBABA_CLOUD_ACCESS_KEY_ID",
         "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
@@ -147,13 +146,13 @@ def test_an_empty_credential_counts_as_missing(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "")
     monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", SECRET)
     with pytest.raises(SettingsError):
-        load_settings().require_credentials()
+        load_settings(credentials=True)
 
 
 @pytest.mark.parametrize("status", ["2", "3"])
 def test_task_result_status_from_the_environment(monkeypatch: pytest.MonkeyPatch, status: str) -> None:
     monkeypatch.setenv("BRIDGE_TASK_RESULT_STATUS", status)
-    assert load_settings().task_result_status == int(status)
+    assert load_settings().account.task_result_status == int(status)
 
 
 # --- the _FILE variants ---
@@ -163,7 +162,7 @@ def test_a_secret_can_come_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     path = tmp_path / f"{field}.txt"
     path.write_text(f"{value}\n", encoding="utf-8")  # mounted secrets often end with a newline
     monkeypatch.setenv(f"{env_name(field)}_FILE", str(path))
-    secret = getattr(load_settings(), field)
+    secret = load_settings().get(field)
     assert secret is not None
     assert secret.get_secret_value() == value
 
@@ -212,20 +211,31 @@ def test_a_bad_secret_from_a_file_is_not_shown(monkeypatch: pytest.MonkeyPatch, 
 # --- defaults, flavours, sources ---
 def test_defaults() -> None:
     settings = load_settings()
-    assert settings.upstream_api == "domain-intl"
-    assert settings.signature_version == "v3"
-    assert settings.lang == "en"
-    assert settings.request_timeout_s == 10.0
-    assert settings.page_size == 1000
-    assert settings.ack_batch_size == 100
-    assert settings.task_result_status is None
-    assert settings.domain_name is settings.instance_id is settings.task_no is settings.user_client_ip is None
-    assert settings.access_key_id is settings.access_key_secret is settings.security_token is None
-    assert settings.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
-    assert settings.exchange == "domain.tasks"
-    assert (settings.unrouted_exchange, settings.invalid_exchange) == ("domain.tasks.unrouted", "domain.tasks.invalid")
-    assert settings.backoff_initial_s <= settings.backoff_max_s
-    assert settings.log_level == "INFO"
+    assert settings.account.api == "domain-intl"
+    assert settings.account.signature_version == "v3"
+    assert settings.account.lang == "en"
+    assert settings.upstream.request_timeout_s == 10.0
+    assert settings.upstream.page_size == 1000
+    assert settings.upstream.ack_batch_size == 100
+    assert settings.account.task_result_status is None
+    assert (
+        settings.account.domain_name
+        is settings.account.instance_id
+        is settings.account.task_no
+        is settings.account.user_client_ip
+        is None
+    )
+    assert (
+        settings.account.access_key_id is settings.account.access_key_secret is settings.account.security_token is None
+    )
+    assert settings.broker.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
+    assert settings.broker.exchange == "domain.tasks"
+    assert (settings.broker.unrouted_exchange, settings.broker.invalid_exchange) == (
+        "domain.tasks.unrouted",
+        "domain.tasks.invalid",
+    )
+    assert settings.delivery.backoff_initial_s <= settings.delivery.backoff_max_s
+    assert settings.operator.log_level == "INFO"
 
 
 @pytest.mark.parametrize(
@@ -240,11 +250,11 @@ def test_endpoint_and_version_per_flavour(
 ) -> None:
     monkeypatch.setenv("BRIDGE_UPSTREAM_API", flavour)
     settings = load_settings()
-    assert (settings.endpoint, settings.api_version) == (endpoint, version) == API_FLAVOURS[flavour]
+    assert (settings.account.base_url, settings.account.api_version) == (endpoint, version) == API_FLAVOURS[flavour]
     # An endpoint override (a simulator, a proxy) changes the URL, never the API version.
     monkeypatch.setenv("BRIDGE_UPSTREAM_ENDPOINT", "http://127.0.0.1:8080/")
     settings = load_settings()
-    assert (settings.endpoint, settings.api_version) == ("http://127.0.0.1:8080", version)
+    assert (settings.account.base_url, settings.account.api_version) == ("http://127.0.0.1:8080", version)
 
 
 def test_typed_values_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,10 +263,10 @@ def test_typed_values_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("BRIDGE_UPSTREAM_ENDPOINT", "")
     monkeypatch.setenv("BRIDGE_DOMAIN_NAME", "example.com")
     settings = load_settings()
-    assert settings.request_timeout_s == 2.5
-    assert settings.domain_name == "example.com"
-    assert settings.log_level == "DEBUG"
-    assert settings.upstream_endpoint is None
+    assert settings.upstream.request_timeout_s == 2.5
+    assert settings.account.domain_name == "example.com"
+    assert settings.operator.log_level == "DEBUG"
+    assert settings.account.endpoint is None
 
 
 def test_dotenv_in_the_working_directory_is_read_and_the_environment_wins(
@@ -265,8 +275,8 @@ def test_dotenv_in_the_working_directory_is_read_and_the_environment_wins(
     (clean_env / ".env").write_text("BRIDGE_PAGE_SIZE=250\nBRIDGE_LANG=zh\n", encoding="utf-8")
     monkeypatch.setenv("BRIDGE_LANG", "en")
     settings = load_settings()
-    assert settings.page_size == 250
-    assert settings.lang == "en"
+    assert settings.upstream.page_size == 250
+    assert settings.account.lang == "en"
 
 
 def test_env_name_is_a_variable_that_sets_each_field(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,13 +285,13 @@ def test_env_name_is_a_variable_that_sets_each_field(monkeypatch: pytest.MonkeyP
     for field in ("request_timeout_s", "publish_timeout_s", "poll_interval_s", "page_size", "exchange", "lang"):
         value = "zh" if field == "lang" else "7"
         monkeypatch.setenv(env_name(field), value)
-        if str(getattr(Settings(), field)).removesuffix(".0") != value:
+        if str(load_settings().get(field)).removesuffix(".0") != value:
             wrong.append(env_name(field))
     assert wrong == []
 
 
 def test_scrub_removes_every_secret_value() -> None:
-    settings = Settings(
+    settings = load_settings(
         access_key_id="LTAI-visible-id",
         access_key_secret="ak-secret-value",
         security_token="sts-token-value",

@@ -45,11 +45,11 @@ async def test_sigterm_mid_batch_exits_in_time_with_nothing_confirmed_left_unack
         await eventually(lambda: sim.acknowledged_count >= 400, timeout_s=30, what="drain under way")
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        code = await asyncio.wait_for(process.wait(), settings.shutdown_timeout_s + 5)
+        code = await asyncio.wait_for(process.wait(), settings.delivery.shutdown_timeout_s + 5)
         elapsed = time.monotonic() - signalled
         output = _read(tmp_path / "bridge.log")
     assert code == EXIT_OK, output[-2000:]
-    assert elapsed < settings.shutdown_timeout_s
+    assert elapsed < settings.delivery.shutdown_timeout_s
     assert 0 < sim.pending_count <= 4000 - 400, "the signal should land mid-drain"
     ids = [str(m.message_id) for m in await broker.take(queue.name)]
     assert len(ids) == len(set(ids))

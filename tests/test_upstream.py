@@ -26,10 +26,11 @@ from bridge.errors import (
     UpstreamError,
 )
 from bridge.metrics import Metrics
-from bridge.settings import Settings
+from bridge.settings import Settings, load_settings
 from bridge.signing import percent_encode, request_params, v1_string_to_sign
 from bridge.simulator import Faults, Simulator
 from bridge.upstream import AckResult, Page, RawRecord, UpstreamClient
+from tests.harness import sample, upstream_client
 
 ACCESS_KEY_ID = "test-access-key-id"
 SECRET = "test-Secret+/=value"
@@ -51,7 +52,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
 def make_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"access_key_id": ACCESS_KEY_ID, "access_key_secret": SECRET}
     values.update(overrides)
-    return Settings(**values)
+    return load_settings(**values)
 
 
 class Recorder:
@@ -83,7 +84,7 @@ async def make_client() -> AsyncIterator[MakeClient]:
         recorder = Recorder(answer)
         http = httpx.AsyncClient(transport=httpx.MockTransport(recorder))
         opened.append(http)
-        client = UpstreamClient(http, make_settings(**overrides), metrics=metrics, clock=lambda: NOW)
+        client = upstream_client(http, make_settings(**overrides), metrics=metrics, clock=lambda: NOW)
         return client, recorder
 
     yield factory
@@ -194,7 +195,7 @@ async def test_sts_token_is_carried_and_never_shown(make_client: MakeClient, ver
 
 def test_credentials_are_required() -> None:
     with pytest.raises(SettingsError) as caught:
-        UpstreamClient(httpx.AsyncClient(), Settings(access_key_id="only-the-id"))
+        upstream_client(httpx.AsyncClient(), load_settings(access_key_id="only-the-id"))
     assert caught.value.problems[0].startswith("ALIBABA_CLOUD_ACCESS_KEY_SECRET:")
 
 
@@ -478,7 +479,7 @@ async def test_a_hanging_upstream_times_out_within_the_setting() -> None:
         raise AssertionError("not reached")
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(hang)) as http:
-        client = UpstreamClient(http, make_settings(request_timeout_s=0.05))
+        client = upstream_client(http, make_settings(request_timeout_s=0.05))
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(RetryableUpstreamError, match=r"timed out after 0\.05s"):
@@ -613,11 +614,6 @@ async def test_acknowledge_result_missing_or_unparsable_is_none(make_client: Mak
 
 
 # --- metrics ---
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
 async def test_metrics_count_each_request_by_outcome(make_client: MakeClient) -> None:
     metrics = Metrics()
     answers = iter(
@@ -679,7 +675,7 @@ def test_metrics_never_carry_secrets() -> None:
     from prometheus_client import generate_latest
 
     metrics = Metrics()
-    UpstreamClient(httpx.AsyncClient(), make_settings(security_token=TOKEN), metrics=metrics)
+    upstream_client(httpx.AsyncClient(), make_settings(security_token=TOKEN), metrics=metrics)
     exposition = generate_latest(metrics.registry).decode()
     assert SECRET not in exposition
     assert TOKEN not in exposition
@@ -716,7 +712,7 @@ async def sim_client() -> AsyncIterator[Callable[..., UpstreamClient]]:
             "upstream_endpoint": "http://simulator.test",
         }
         values.update(overrides)
-        return UpstreamClient(http, Settings(**values), metrics=metrics, clock=clock, nonce=nonce)
+        return upstream_client(http, load_settings(**values), metrics=metrics, clock=clock, nonce=nonce)
 
     yield factory
     for http in opened:

@@ -25,8 +25,9 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.serving import serve_in_background
-from bridge.settings import Settings
+from bridge.settings import Settings, UpstreamSettings, load_settings
 from bridge.upstream import ACKNOWLEDGE_ACTION, ERROR_BODY_MAX_BYTES, POLL_ACTION, AckResult, UpstreamClient
+from tests.harness import sample, upstream_client
 
 MiB = 1024 * 1024
 CAP = 256 * 1024  # a small cap keeps the tests fast; the default is 16 MiB
@@ -37,7 +38,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 def settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"access_key_id": "id", "access_key_secret": "secret"}
     values.update(overrides)
-    return Settings(**values)
+    return load_settings(**values)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ async def client_for() -> AsyncIterator[Callable[..., UpstreamClient]]:
         http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
         opened.append(http)
         values = {"upstream_max_response_bytes": CAP, **overrides}
-        return UpstreamClient(http, settings(**values), metrics=metrics)
+        return upstream_client(http, settings(**values), metrics=metrics)
 
     yield factory
     for http in opened:
@@ -68,10 +69,6 @@ def detail(detail_no: str, **fields: Any) -> dict[str, Any]:
 
 def raw(content: bytes, status: int = 200, **headers: str) -> Handler:
     return lambda request: httpx.Response(status, content=content, headers=headers)
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # --- the size cap, enforced while streaming ---
@@ -123,7 +120,7 @@ async def test_a_full_page_fits_far_under_the_default_cap(client_for: ClientFor)
 
     sim = Simulator(tasks=1000, seed=5)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim)) as http:
-        client = UpstreamClient(
+        client = upstream_client(
             http,
             settings(
                 access_key_id="sim-access-key-id",
@@ -135,7 +132,7 @@ async def test_a_full_page_fits_far_under_the_default_cap(client_for: ClientFor)
     size = len(json.dumps({"Data": {"TaskDetail": [r.raw for r in page_.records]}}))
     assert len(page_.records) == 1000
     assert size < 2 * MiB  # measured 0.42 MiB (434,355 bytes as served); the default cap is 16 MiB
-    assert Settings.model_fields["upstream_max_response_bytes"].default == 16 * MiB
+    assert UpstreamSettings.model_fields["upstream_max_response_bytes"].default == 16 * MiB
 
 
 async def test_an_error_body_is_read_only_so_far(client_for: ClientFor) -> None:
@@ -172,9 +169,9 @@ async def test_the_cap_holds_over_real_http() -> None:
 
     async with serve_in_background(endless, "127.0.0.1", 0) as (host, port):
         config = settings(upstream_endpoint=f"http://{host}:{port}", upstream_max_response_bytes=MiB)
-        async with upstream_http_client(config) as http:
+        async with upstream_http_client(config.upstream) as http:
             with pytest.raises(MalformedResponseError):
-                await UpstreamClient(http, config).poll()
+                await upstream_client(http, config).poll()
             await asyncio.wait_for(gone.wait(), 5)
     assert streamed["bytes"] < 50 * MiB  # the client closed the connection; the server did not stream on
 
@@ -188,7 +185,7 @@ def test_the_cap_is_a_setting_with_a_floor(monkeypatch: pytest.MonkeyPatch) -> N
         load_settings()
     assert caught.value.problems[0].startswith("BRIDGE_UPSTREAM_MAX_RESPONSE_BYTES: ")
     monkeypatch.setenv("BRIDGE_UPSTREAM_MAX_RESPONSE_BYTES", str(4 * MiB))
-    assert load_settings().upstream_max_response_bytes == 4 * MiB
+    assert load_settings().upstream.upstream_max_response_bytes == 4 * MiB
 
 
 # --- bodies that cannot be read at all ---

@@ -49,14 +49,14 @@ async def https_sim(pki: dict[str, Path]) -> AsyncIterator[tuple[Simulator, str]
 
 
 def upstream_settings(url: str, **overrides: Any) -> Settings:
-    return Settings(access_key_id=SIM_KEY_ID, access_key_secret=SIM_KEY_SECRET, upstream_endpoint=url, **overrides)
+    return load_settings(access_key_id=SIM_KEY_ID, access_key_secret=SIM_KEY_SECRET, upstream_endpoint=url, **overrides)
 
 
 async def test_the_ca_file_verifies_the_upstream(https_sim: tuple[Simulator, str], pki: dict[str, Path]) -> None:
     sim, url = https_sim
     settings = upstream_settings(url, upstream_ca_file=pki["ca"])
-    async with upstream_http_client(settings) as http:
-        page = await UpstreamClient(http, settings).poll()
+    async with upstream_http_client(settings.upstream) as http:
+        page = await UpstreamClient(http, settings.upstream, settings.account).poll()
     assert len(page.records) == 7
     assert sim.pending_count == 7
 
@@ -68,9 +68,11 @@ async def test_a_verification_failure_is_one_fatal_line_naming_the_setting(
     sim, url = https_sim
     settings = upstream_settings(url, upstream_ca_file=pki[ca] if ca else None)
     metrics = Metrics()
-    async with upstream_http_client(settings) as http:
+    async with upstream_http_client(settings.upstream) as http:
         with pytest.raises(FatalUpstreamError) as caught:
-            await UpstreamClient(http, settings, metrics=metrics).poll()
+            await UpstreamClient(
+                http, settings.upstream, settings.account, metrics=metrics.account(settings.account.name)
+            ).poll()
     text = str(caught.value)
     assert "\n" not in text
     assert text.startswith("PollTaskResult failed: TLS verification of localhost failed (")
@@ -124,6 +126,6 @@ def test_the_ca_file_setting_is_read_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, pki: dict[str, Path]
 ) -> None:
     monkeypatch.setenv("BRIDGE_UPSTREAM_CA_FILE", str(pki["ca"]))
-    assert load_settings().upstream_ca_file == pki["ca"]
+    assert load_settings().upstream.upstream_ca_file == pki["ca"]
     monkeypatch.setenv("BRIDGE_UPSTREAM_CA_FILE", "")
-    assert load_settings().upstream_ca_file is None
+    assert load_settings().upstream.upstream_ca_file is None

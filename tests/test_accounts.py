@@ -1,0 +1,307 @@
+"""Several accounts in one process: the config file, one loop per account, and one failing account alone.
+
+The settings tests read TOML files written to a temporary directory, with the ``BRIDGE_*`` and
+``ALIBABA_CLOUD_*`` variables removed. The integration tests run the bridge against two simulators over real
+HTTP (one per account, each with its own access key pair) and the machine's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.app import App
+from bridge.cli import EXIT_OK, EXIT_USAGE
+from bridge.configview import config_rows
+from bridge.errors import AccountFailedError, SettingsError
+from bridge.metrics import Metrics
+from bridge.settings import load_settings, origins
+from bridge.simulator import Simulator, running
+from tests.harness import BRIDGE_COMMAND, bridge_env, bridge_settings, broker_view, eventually, sample
+
+EU = {"access_key_id": "eu-key-id", "access_key_secret": "eu-secret-Q7x"}
+CN = {"access_key_id": "cn-key-id", "access_key_secret": "cn-secret-W2v"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in list(os.environ):
+        if name.startswith(("BRIDGE_", "ALIBABA_CLOUD_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+TWO_ACCOUNTS = """
+exchange = "from.file"
+page_size = 50
+upstream_endpoint = "http://upstream.test"
+
+[[accounts]]
+name = "reseller-eu"
+access_key_id = "eu-key-id"
+access_key_secret_file = "{secret}"
+
+[[accounts]]
+name = "reseller-cn"
+access_key_id = "cn-key-id"
+access_key_secret = "cn-secret-W2v"
+api = "domain"
+signature_version = "v1"
+lang = "zh"
+task_result_status = 3
+"""
+
+
+def _two_accounts(directory: Path) -> Path:
+    secret = _write(directory / "eu.secret", "eu-secret-Q7x\n")
+    return _write(directory / "bridge.toml", TWO_ACCOUNTS.format(secret=secret))
+
+
+# --- the config file ---
+def test_a_file_lists_accounts_each_with_its_own_upstream_settings(clean_env: Path) -> None:
+    settings = load_settings(_two_accounts(clean_env), credentials=True)
+    eu, cn = settings.accounts
+    assert (eu.name, cn.name) == ("reseller-eu", "reseller-cn")
+    assert eu.access_key_secret is not None and eu.access_key_secret.get_secret_value() == "eu-secret-Q7x"
+    assert (eu.api, eu.signature_version, eu.lang, eu.task_result_status) == ("domain-intl", "v3", "en", None)
+    assert (cn.api, cn.signature_version, cn.lang, cn.task_result_status) == ("domain", "v1", "zh", 3)
+    # A per-account setting at the top level is every account's default.
+    assert eu.base_url == cn.base_url == "http://upstream.test"
+    assert cn.api_version == "2018-01-29"
+    assert settings.broker.exchange == "from.file" and settings.upstream.page_size == 50
+
+
+def test_the_environment_overrides_the_file_and_the_variable_names_the_file(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _two_accounts(clean_env)
+    monkeypatch.setenv("BRIDGE_EXCHANGE", "from.environment")
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(path))
+    settings = load_settings()
+    assert settings.broker.exchange == "from.environment"
+    assert len(settings.accounts) == 2
+    found = origins()
+    assert found["exchange"] == "environment"
+    assert found["page_size"] == f"config file {path}"
+    assert found["max_in_flight"] == "default"
+
+
+def test_without_accounts_in_the_file_the_environment_defines_one(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(clean_env / "bridge.toml", 'account = "solo"\npoll_interval_seconds = 2.5\n')
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "env-id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "env-secret")
+    settings = load_settings(path, credentials=True)
+    (account,) = settings.accounts
+    assert account.name == "solo" and account.access_key_id is not None
+    assert settings.delivery.poll_interval_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('exchnage = "x"\n', "unknown setting 'exchnage'"),
+        ('access_key_secret = "top-secret-value"\n', "credentials belong in an [[accounts]] table"),
+        ("page_size = 5000\n", "page_size (config file"),
+        ('[[accounts]]\nname = "Bad_Name"\naccess_key_id = "i"\naccess_key_secret = "s"\n', "[[accounts]] 1"),
+        ('[[accounts]]\nname = "eu"\nacess_key_secret = "typo-secret-value"\n', "acess_key_secret: unknown key"),
+        (
+            '[[accounts]]\nname = "eu"\naccess_key_secret_file = "/nonexistent/eu"\n',
+            "access_key_secret_file: cannot read '/nonexistent/eu'",
+        ),
+        (
+            '[[accounts]]\nname = "eu"\n[[accounts]]\nname = "eu"\n',
+            "account names must be unique: eu",
+        ),
+        ("accounts = 3\n", "must be one or more [[accounts]] tables"),
+        ("page_size = \n", "not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_the_file_and_the_key(clean_env: Path, text: str, expected: str) -> None:
+    path = _write(clean_env / "bridge.toml", text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    (line,) = caught.value.problems
+    assert expected in line and "\n" not in line
+    assert "secret-value" not in line, "a secret (even a misspelt key's) is never shown"
+
+
+def test_credentials_in_the_environment_beside_listed_accounts_are_refused(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "env-id")
+    monkeypatch.setenv("BRIDGE_ACCOUNT", "env-account")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_two_accounts(clean_env))
+    (line,) = caught.value.problems
+    assert line.startswith("BRIDGE_ACCOUNT, ALIBABA_CLOUD_ACCESS_KEY_ID: set, but the config file lists [[accounts]]")
+
+
+def test_a_listed_account_without_its_key_pair_is_named(clean_env: Path) -> None:
+    path = _write(clean_env / "bridge.toml", '[[accounts]]\nname = "eu"\naccess_key_id = "i"\n')
+    assert load_settings(path).account.name == "eu"  # `config` shows it
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, credentials=True)
+    assert caught.value.problems == ["account 'eu': access_key_secret: required (or set access_key_secret_file)"]
+
+
+def test_config_lists_each_account_and_masks_its_secrets(clean_env: Path) -> None:
+    settings = load_settings(_two_accounts(clean_env))
+    rows = {row.variable: row for row in config_rows(settings, origins(clean_env / "bridge.toml"))}
+    assert rows["accounts.reseller-cn.api"].value == "domain"
+    assert rows["accounts.reseller-eu.access_key_secret"].value == "***"
+    assert rows["BRIDGE_EXCHANGE"].origin.startswith("config file")
+    shown = repr(settings) + str(settings.masked()) + str([row.value for row in rows.values()])
+    assert "eu-secret-Q7x" not in shown and "cn-secret-W2v" not in shown
+    assert settings.scrub("x eu-secret-Q7x cn-secret-W2v") == "x *** ***"
+
+
+# --- the run ---
+@pytest.fixture
+async def two_simulators() -> AsyncIterator[tuple[Simulator, str, Simulator, str]]:
+    eu = Simulator(tasks=300, seed=61, **EU)
+    cn = Simulator(tasks=200, seed=62, **CN)
+    async with running(eu) as eu_url, running(cn) as cn_url:
+        yield eu, eu_url, cn, cn_url
+
+
+def _accounts(eu_url: str, cn_url: str, *, cn_secret: str = CN["access_key_secret"]) -> list[dict[str, Any]]:
+    return [
+        {"name": "reseller-eu", "endpoint": eu_url, **EU},
+        {
+            "name": "reseller-cn",
+            "endpoint": cn_url,
+            "access_key_id": CN["access_key_id"],
+            "access_key_secret": cn_secret,
+        },
+    ]
+
+
+@pytest.mark.broker
+async def test_two_accounts_drain_into_one_exchange_each_event_naming_its_account(
+    two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    settings = bridge_settings(exchange_name, broker_url, accounts=_accounts(eu_url, cn_url))
+    metrics = Metrics()
+    async with broker_view(broker_url, exchange_name) as view:
+        queue = await view.bind("all")
+        complete = await App(settings, metrics=metrics).run(asyncio.Event(), once=True)
+        messages = await view.wait_for(queue.name, 500)
+    assert complete
+    assert eu.pending_count == cn.pending_count == 0
+    assert (eu.acknowledged_count, cn.acknowledged_count) == (300, 200)
+    by_account: dict[str, set[str]] = {}
+    for message in messages:
+        by_account.setdefault(str(message.headers["account"]), set()).add(str(message.message_id))
+    assert by_account == {"reseller-eu": set(eu.ack_counts), "reseller-cn": set(cn.ack_counts)}
+    for account, count in (("reseller-eu", 300), ("reseller-cn", 200)):
+        assert sample(metrics, "bridge_events_published_total", account=account, outcome="ack") == count
+        assert sample(metrics, "bridge_leader", account=account) == 0, "released at the end of the drain"
+        assert sample(metrics, "bridge_leader_transitions_total", account=account, role="leader") == 1
+
+
+@pytest.mark.broker
+async def test_an_account_with_a_wrong_secret_never_stops_the_other(
+    two_simulators: tuple[Simulator, str, Simulator, str],
+    broker_url: str,
+    exchange_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    accounts = _accounts(eu_url, cn_url, cn_secret="wrong-secret-Z9")
+    settings = bridge_settings(exchange_name, broker_url, accounts=accounts, backoff_max_s=0.5)
+    metrics = Metrics()
+    stop = asyncio.Event()
+    app = App(settings, metrics=metrics)
+    caplog.set_level(logging.ERROR, logger="bridge.app")
+    run = asyncio.create_task(app.run(stop))
+    try:
+        await eventually(lambda: eu.acknowledged_count == 300, timeout_s=30, what="the good account drained")
+        await eventually(lambda: sample(metrics, "bridge_account_failing", account="reseller-cn") == 1)
+        assert sample(metrics, "bridge_account_failing", account="reseller-eu") == 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.metrics_port}") as http:
+            ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert "account reseller-cn: upstream: PollTaskResult failed" in ready.text
+        assert "reseller-eu" not in ready.text, "the good account is ready"
+        # Parked, it is retried: the count of its failed polls keeps growing.
+        failed = sample(metrics, "bridge_upstream_requests_total", account="reseller-cn", outcome="fatal_error")
+        await eventually(
+            lambda: (
+                sample(metrics, "bridge_upstream_requests_total", account="reseller-cn", outcome="fatal_error") > failed
+            ),
+            what="the parked account retried",
+        )
+    finally:
+        stop.set()
+        complete = await asyncio.wait_for(run, 30)
+    assert complete
+    assert cn.pending_count == 200 and cn.acknowledged_count == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
+    assert any(line.startswith("account reseller-cn stopped polling: PollTaskResult failed") for line in lines)
+    assert all("wrong-secret-Z9" not in line for line in lines)
+
+
+@pytest.mark.broker
+async def test_a_once_drain_finishes_the_good_account_then_fails_naming_the_other(
+    two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    settings = bridge_settings(exchange_name, broker_url, accounts=_accounts(eu_url, cn_url, cn_secret="wrong-1"))
+    with pytest.raises(AccountFailedError) as caught:
+        await App(settings).run(asyncio.Event(), once=True)
+    assert str(caught.value).startswith("account reseller-cn: PollTaskResult failed")
+    assert eu.acknowledged_count == 300 and cn.acknowledged_count == 0
+
+
+@pytest.mark.broker
+async def test_run_and_check_read_the_config_file(
+    two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    secret = _write(tmp_path / "cn.secret", CN["access_key_secret"] + "\n")
+    config = _write(
+        tmp_path / "bridge.toml",
+        f'[[accounts]]\nname = "reseller-eu"\nendpoint = "{eu_url}"\naccess_key_id = "{EU["access_key_id"]}"\n'
+        f'access_key_secret = "{EU["access_key_secret"]}"\n\n'
+        f'[[accounts]]\nname = "reseller-cn"\nendpoint = "{cn_url}"\naccess_key_id = "{CN["access_key_id"]}"\n'
+        f'access_key_secret_file = "{secret}"\n',
+    )
+    env = bridge_env(bridge_settings(exchange_name, broker_url))
+    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "BRIDGE_UPSTREAM_ENDPOINT"):
+        env.pop(name)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *BRIDGE_COMMAND, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode()
+
+    code, report = await cli("check", "--config", str(config))
+    assert code == EXIT_OK, report
+    assert "OK    upstream reseller-eu" in report and "OK    upstream reseller-cn" in report
+    code, output = await cli("run", "--once", "--config", str(config))
+    assert code == EXIT_OK, output
+    assert eu.acknowledged_count == 300 and cn.acknowledged_count == 200
+    assert CN["access_key_secret"] not in output and EU["access_key_secret"] not in output
+    env["ALIBABA_CLOUD_ACCESS_KEY_ID"] = "stray"
+    code, output = await cli("run", "--once", "--config", str(config))
+    assert code == EXIT_USAGE and "ALIBABA_CLOUD_ACCESS_KEY_ID: set, but the config file lists" in output
