@@ -714,6 +714,27 @@ def test_definitions_give_the_other_demo_users_their_passwords(definitions: dict
 
 # --- metric names, alert rules, dashboard ---
 
+# The metrics labelled by account (docs/operating.md#several-accounts), the label first.
+ACCOUNT_METRICS = (
+    "bridge_polls_total",
+    "bridge_upstream_requests_total",
+    "bridge_upstream_request_duration_seconds",
+    "bridge_details_received_total",
+    "bridge_events_published_total",
+    "bridge_acknowledgements_total",
+    "bridge_invalid_records_total",
+    "bridge_details_returned_after_ack_total",
+    "bridge_conflicting_details_total",
+    "bridge_ack_results_unusable_total",
+    "bridge_confirmed_unacknowledged",
+    "bridge_ack_batch_size",
+    "bridge_upstream_backlog",
+    "bridge_last_successful_poll_timestamp_seconds",
+    "bridge_leader",
+    "bridge_leader_transitions_total",
+    "bridge_account_failing",
+)
+
 
 def _metric_tokens(text: str) -> set[str]:
     return set(re.findall(r"\b(?:bridge|process|python)_[a-z_]+", text))
@@ -751,7 +772,7 @@ def test_alert_rules_are_complete() -> None:
     expressions = {rule["alert"]: rule["expr"] for rule in rules}
     required = {
         "up == 0": "up{",
-        "poll age": "bridge_last_successful_poll_timestamp_seconds > process_start_time_seconds",
+        "poll age": "bridge_last_successful_poll_timestamp_seconds > on (job, instance) group_left process_start",
         "failing polls": 'bridge_polls_total{outcome="error"}',
         "publish failures": 'bridge_events_published_total{outcome!="ack"}[2m]',
         "confirmed unacknowledged": "bridge_confirmed_unacknowledged",
@@ -762,10 +783,23 @@ def test_alert_rules_are_complete() -> None:
         "invalid queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.invalid"}',
         "no leader for an account": "max by (job, account) (bridge_leader) == 0",
         "two leaders of an account": "sum by (job, account) (bridge_leader) > 1",
-        "a standby is not a bridge that stopped polling": "max by (job, instance) (bridge_leader) == 0",
+        "a standby is not a bridge that stopped polling": "unless on (job, instance, account) bridge_leader == 0",
+        "a parked account": "max by (job, account) (bridge_account_failing) == 1",
     }
     for what, fragment in required.items():
         assert any(fragment in expr for expr in expressions.values()), f"no alert on {what}"
+    # Several accounts in one process: an alert on a metric labelled by account keeps the label (fires for that
+    # account alone) and names the account; the process-wide ones (scrape, broker connection) have none.
+    per_account = {name for name in ACCOUNT_METRICS if name != "bridge_leader_transitions_total"}
+    for rule in rules:
+        used = set(re.findall(r"\b(bridge_[a-z_]+?)(?:_bucket|_count|_sum)?\b", rule["expr"]))
+        if not used & per_account:
+            continue
+        aggregations = re.findall(r"\b(?:sum|max|min|avg|count) by \(([^)]*)\)", rule["expr"])
+        assert all("account" in labels for labels in aggregations), f"{rule['alert']} aggregates the account away"
+        annotations = rule["annotations"]
+        assert "{{ $labels.account }}" in annotations["summary"], rule["alert"]
+        assert "{{ $labels.account }}" in annotations["description"], rule["alert"]
 
 
 def test_alert_rules_check_and_unit_tests_pass() -> None:
