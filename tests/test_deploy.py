@@ -878,13 +878,35 @@ def test_dashboard_covers_the_drain(tmp_path: Path) -> None:
     assert "histogram_quantile(0.99" in text and "histogram_quantile(0.5" in text
 
 
+def test_dashboard_shows_each_account(tmp_path: Path) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "task-bridge.json").read_text(encoding="utf-8"))
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "account")
+    assert variable["type"] == "query" and variable["multi"] is True and variable["includeAll"] is True
+    assert variable["definition"] == variable["query"]["query"] == "label_values(bridge_polls_total, account)"
+    assert variable["allValue"] == ".*"
+    per_account = re.compile(r"\b(" + "|".join(ACCOUNT_METRICS) + r")(?:_bucket)?\{([^}]*)\}")
+    shown = set()
+    for panel in _dashboard_panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for metric, selector in per_account.findall(expr):
+                shown.add(metric)
+                assert 'account=~"$account"' in selector, f"{panel['title']}: {metric} ignores the account variable"
+            if per_account.search(expr):
+                # One line per account: its legend names the account, and no sum or max adds accounts together.
+                assert "{{account}}" in target["legendFormat"], panel["title"]
+                for labels in re.findall(r"\b(?:sum|max|min|avg) by \(([^)]*)\)", expr):
+                    assert "account" in labels, f"{panel['title']} adds accounts together"
+    assert "bridge_account_failing" in shown
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = _promtool()
     rules = []
     for panel in _dashboard_panels():
         for target in panel["targets"]:
             # Grafana's variables, replaced by what they expand to, so promtool can parse the query.
-            expr = target["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*")
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$account", ".*")
             rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr})
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
