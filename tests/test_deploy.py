@@ -1044,6 +1044,27 @@ def test_every_alert_has_a_true_positive_and_a_quiet_case() -> None:
     assert alerts <= quiet, f"no promtool case where these stay quiet: {sorted(alerts - quiet)}"
 
 
+def test_every_per_account_alert_is_tested_with_two_accounts() -> None:
+    # The one in trouble fires, and the healthy account beside it (same process) is not in the expected alerts.
+    per_account = {name for name in ACCOUNT_METRICS if name != "bridge_leader_transitions_total"}
+    alerts = {
+        rule["alert"]
+        for rule in _alert_rules()
+        if set(re.findall(r"\b(bridge_[a-z_]+?)(?:_bucket|_count|_sum)?\b", rule["expr"])) & per_account
+    }
+    assert len(alerts) >= 9
+    covered = set()
+    for case in _yaml(DEPLOY / "prometheus" / "alerts.test.yml")["tests"]:
+        accounts = {a for s in case["input_series"] for a in re.findall(r'account="([^"]+)"', s["series"])}
+        if len(accounts) < 2:
+            continue
+        for check in case["alert_rule_test"]:
+            fired = {alert["exp_labels"].get("account") for alert in check.get("exp_alerts") or []}
+            if fired and None not in fired and fired < accounts:
+                covered.add(check["alertname"])
+    assert alerts <= covered, f"no two-account promtool case where one fires alone: {sorted(alerts - covered)}"
+
+
 def test_every_alert_has_a_runbook_section() -> None:
     runbook = (ROOT / "docs" / "runbook.md").read_text(encoding="utf-8")
     sections = re.findall(r"^## (\w+)$", runbook, flags=re.MULTILINE)
