@@ -124,7 +124,15 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_has_the_demo_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"rabbitmq", "simulator", "bridge", "prometheus", "grafana"}
+    # `docker compose up` starts these; the `accounts` profile adds a bridge of two accounts and their simulators.
+    default = {name for name, svc in services.items() if not svc.get("profiles")}
+    assert default == {"rabbitmq", "simulator", "bridge", "prometheus", "grafana"}
+    assert {name for name, svc in services.items() if "accounts" in svc.get("profiles", [])} == {
+        "simulator-eu",
+        "simulator-cn",
+        "bridge-accounts",
+    }
+    assert set(services) == default | {"simulator-eu", "simulator-cn", "bridge-accounts"}
     # The simulator and the bridge run the same image, built from deploy/Dockerfile with the repo as context.
     for name in ("simulator", "bridge"):
         build = services[name]["build"]
@@ -216,6 +224,35 @@ def test_bridge_replicas_ports_and_stop_grace_period(services: dict[str, Any]) -
     assert "container_name" not in bridge
     assert f"{port}-{port + replicas - 1}:{port}" in {str(p) for p in bridge["ports"]}
     assert _environment(bridge).get("BRIDGE_LEADER_ELECTION", "true") == "true"
+    grace = re.fullmatch(r"(\d+)s", bridge["stop_grace_period"])
+    assert grace and int(grace.group(1)) > SHUTDOWN_TIMEOUT_S
+
+
+def test_compose_accounts_profile_polls_two_simulators(services: dict[str, Any]) -> None:
+    bridge = services["bridge-accounts"]
+    env = _environment(bridge)
+    unknown = sorted(set(env) - set(ENV_NAMES) - {"BRIDGE_CONFIG_FILE"})
+    assert not unknown, f"not settings of bridge/settings.py: {unknown}"
+    # Refused at start beside a file with [[accounts]].
+    assert not [name for name in env if name.startswith("ALIBABA_CLOUD_") or name == "BRIDGE_ACCOUNT"]
+    assert env["BRIDGE_AMQP_URL"] == _environment(services["bridge"])["BRIDGE_AMQP_URL"]
+    source = _host_volumes(bridge)[env["BRIDGE_CONFIG_FILE"]]
+    accounts = _check_accounts_file(tomllib.loads((ROOT / source).read_text(encoding="utf-8")))
+    assert len(accounts) == 2
+    # Each account is played by its own simulator of the profile, which knows that account's keys.
+    simulators = {}
+    for name in ("simulator-eu", "simulator-cn"):
+        argv = _command(services[name])
+        assert argv[0] == "simulate" and _option(argv, "--host") == "0.0.0.0"
+        url = f"http://{name}:{_option(argv, '--port')}"
+        simulators[url] = (_option(argv, "--access-key-id"), _option(argv, "--access-key-secret"))
+        assert bridge["depends_on"][name]["condition"] in {"service_started", "service_healthy"}
+    assert bridge["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert sorted(account["endpoint"] for account in accounts) == sorted(simulators)
+    for account in accounts:
+        assert simulators[account["endpoint"]] == (account["access_key_id"], account["access_key_secret"])
+    # Prometheus discovers the bridges by the DNS name `bridge`: this one answers to it as well.
+    assert "bridge" in bridge["networks"]["default"]["aliases"]
     grace = re.fullmatch(r"(\d+)s", bridge["stop_grace_period"])
     assert grace and int(grace.group(1)) > SHUTDOWN_TIMEOUT_S
 
@@ -625,6 +662,185 @@ def test_prometheusrule_is_alerts_yml() -> None:
     )
 
 
+# --- several accounts: deploy/config/*.toml and deploy/kubernetes-accounts ---
+
+CONFIG = DEPLOY / "config"
+K8S_ACCOUNTS = DEPLOY / "kubernetes-accounts"
+# The keys of an [[accounts]] table (docs/operating.md#several-accounts).
+ACCOUNT_KEYS = {
+    "name",
+    *(
+        f"{secret}{suffix}"
+        for secret in ("access_key_id", "access_key_secret", "security_token")
+        for suffix in ("", "_file")
+    ),
+    "api",
+    "endpoint",
+    "signature_version",
+    "lang",
+    "task_result_status",
+    "domain_name",
+    "instance_id",
+    "task_no",
+    "user_client_ip",
+}
+ACCOUNT_NAME = re.compile(r"[a-z0-9-]{1,40}")
+
+
+def _top_level_keys() -> set[str]:
+    """Any BRIDGE_ setting of docs/operating.md's table (tests/test_readme.py ties it to the code), lower case,
+    without the prefix; BRIDGE_ACCOUNT is refused beside [[accounts]]."""
+    operating = (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    table = operating.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    variables = re.findall(r"^\| `BRIDGE_([A-Z0-9_]+)` \|", table, flags=re.MULTILINE)
+    assert len(variables) > 20
+    return {name.lower() for name in variables} - {"account"}
+
+
+def _check_accounts_file(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checks of a configuration file with [[accounts]] that need no code: keys, names, credentials."""
+    unknown = sorted(set(document) - _top_level_keys() - {"accounts"})
+    assert not unknown, f"not documented top-level keys: {unknown}"
+    accounts = document["accounts"]
+    assert isinstance(accounts, list) and accounts, "[[accounts]] holds at least one table"
+    names = []
+    for account in accounts:
+        unknown = sorted(set(account) - ACCOUNT_KEYS)
+        assert not unknown, f"not documented keys of an account: {unknown}"
+        name = account["name"]
+        assert isinstance(name, str) and ACCOUNT_NAME.fullmatch(name), f"account name {name!r} is not [a-z0-9-]+"
+        names.append(name)
+        for secret in ("access_key_id", "access_key_secret"):
+            given = [key for key in (secret, f"{secret}_file") if key in account]
+            assert len(given) == 1, f"{name}: exactly one of {secret} and {secret}_file"
+        assert not {"security_token", "security_token_file"} <= set(account), name
+        assert all(isinstance(value, str) and value for value in account.values()), name
+        assert account.get("api", "domain-intl") in {"domain-intl", "domain"}, name
+        assert account.get("signature_version", "v3") in {"v3", "v1"}, name
+        assert account.get("lang", "en") in {"en", "zh"}, name
+        assert account.get("task_result_status", "2") in {"2", "3"}, name
+    assert len(names) == len(set(names)), f"account names repeat: {names}"
+    return accounts  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.glob("*.toml")), ids=lambda p: p.name)
+def test_accounts_files_use_documented_keys_and_valid_names(path: Path) -> None:
+    accounts = _check_accounts_file(tomllib.loads(path.read_text(encoding="utf-8")))
+    assert len(accounts) >= 2
+
+
+def test_the_sample_gives_secrets_as_files_only() -> None:
+    document = tomllib.loads((CONFIG / "accounts.example.toml").read_text(encoding="utf-8"))
+    for account in document["accounts"]:
+        assert {"access_key_id_file", "access_key_secret_file"} <= set(account), account["name"]
+    secrets = {"access_key_id", "access_key_secret", "security_token", "amqp_url"}
+    assert not secrets & {key for table in [document, *document["accounts"]] for key in table}
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({"accounts": [{"name": "eu", "access_key_id": "a", "access_key_secret": "b", "region": "x"}]}, "region"),
+        ({"exchnage": "x", "accounts": [{"name": "eu", "access_key_id": "a", "access_key_secret": "b"}]}, "exchnage"),
+        ({"account": "x", "accounts": [{"name": "eu", "access_key_id": "a", "access_key_secret": "b"}]}, "account"),
+        ({"accounts": [{"name": "EU", "access_key_id": "a", "access_key_secret": "b"}]}, "[a-z0-9-]+"),
+        ({"accounts": [{"name": "eu_1", "access_key_id": "a", "access_key_secret": "b"}]}, "[a-z0-9-]+"),
+        ({"accounts": [{"name": "e" * 41, "access_key_id": "a", "access_key_secret": "b"}]}, "[a-z0-9-]+"),
+        ({"accounts": [{"name": "eu", "access_key_id": "a", "access_key_secret": "b"}] * 2}, "repeat"),
+        ({"accounts": [{"name": "eu", "access_key_id": "a"}]}, "access_key_secret"),
+        (
+            {
+                "accounts": [
+                    {"name": "eu", "access_key_id": "a", "access_key_secret": "b", "access_key_secret_file": "c"}
+                ]
+            },
+            "access_key_secret",
+        ),
+        ({"accounts": []}, "at least one"),
+    ],
+)
+def test_accounts_file_checks_refuse_what_they_should(document: dict[str, Any], problem: str) -> None:
+    with pytest.raises(AssertionError, match=re.escape(problem)):
+        _check_accounts_file(document)
+
+
+def _overlay(name: str) -> dict[str, Any]:
+    document = _yaml(K8S_ACCOUNTS / name)
+    assert isinstance(document, dict)
+    return document
+
+
+def test_kubernetes_accounts_overlay_ships_the_sample() -> None:
+    kustomization = _overlay("kustomization.yaml")
+    assert kustomization["resources"] == ["../kubernetes", "configmap.yaml"]
+    assert "secret.example.yaml" not in kustomization["resources"]
+    configmap = _overlay("configmap.yaml")
+    assert configmap["data"]["accounts.toml"] == (CONFIG / "accounts.example.toml").read_text(encoding="utf-8")
+    # The settings the file sets at its top level, and BRIDGE_ACCOUNT, leave the base's environment: a variable
+    # would override the file's key, and BRIDGE_ACCOUNT is refused beside [[accounts]].
+    top_level = set(tomllib.loads(configmap["data"]["accounts.toml"])) - {"accounts"}
+    base_data = _k8s("configmap.yaml")["data"]
+    [patch] = [yaml.safe_load(p["patch"]) for p in kustomization["patches"] if "patch" in p]
+    assert patch["kind"] == "ConfigMap" and patch["metadata"]["name"] == _k8s("configmap.yaml")["metadata"]["name"]
+    removed = {key for key, value in patch["data"].items() if value is None}
+    expected = {key for key in base_data if key == "BRIDGE_ACCOUNT" or key.removeprefix("BRIDGE_").lower() in top_level}
+    assert removed == expected
+    assert {"BRIDGE_ACCOUNT", "BRIDGE_EXCHANGE"} <= removed
+
+
+def test_kubernetes_accounts_overlay_mounts_every_file_the_sample_names(container: dict[str, Any]) -> None:
+    patch = _overlay("deployment-patch.yaml")
+    pod = patch["spec"]["template"]["spec"]
+    [patched] = pod["containers"]
+    assert patched["name"] == container["name"]
+    env = {e["name"]: e for e in patched["env"]}
+    # No ALIBABA_CLOUD_* variable of the base survives (refused at start beside [[accounts]]).
+    base_alibaba = {e["name"] for e in container["env"] if e["name"].startswith("ALIBABA_CLOUD_")}
+    assert base_alibaba
+    assert {name for name, e in env.items() if e.get("$patch") == "delete"} == base_alibaba
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in patched["volumeMounts"]}
+    config = volumes["accounts"]["configMap"]
+    assert config["name"] == _overlay("configmap.yaml")["metadata"]["name"]
+    [item] = config["items"]
+    assert env["BRIDGE_CONFIG_FILE"]["value"] == f"{mounts['accounts']['mountPath']}/{item['path']}"
+    assert item["key"] == "accounts.toml" and mounts["accounts"]["readOnly"] is True
+
+    # The credentials volume replaces the base's: same name, so the base's mount (and BRIDGE_AMQP_URL_FILE) holds.
+    base_mount = next(m for m in container["volumeMounts"] if m["name"] == "credentials")
+    secret = _overlay("secret.example.yaml")
+    source = volumes["credentials"]["secret"]
+    assert source["secretName"] == secret["metadata"]["name"]
+    assert source["defaultMode"] & 0o007 == 0, "secret files must not be world-readable"
+    items = {i["key"]: i["path"] for i in source["items"]}
+    assert set(items) == set(secret["stringData"])
+    provided = {f"{base_mount['mountPath']}/{path}" for path in items.values()}
+    base_files = {e["value"] for e in container["env"] if e["name"] == "BRIDGE_AMQP_URL_FILE"}
+    assert base_files and base_files <= provided
+    document = tomllib.loads((CONFIG / "accounts.example.toml").read_text(encoding="utf-8"))
+    named = {value for account in document["accounts"] for key, value in account.items() if key.endswith("_file")}
+    assert named and named <= provided, f"not mounted: {sorted(named - provided)}"
+
+
+def test_kubernetes_accounts_overlay_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (its built-in kustomize renders the overlay)")
+    result = _run([kubectl, "kustomize", str(K8S_ACCOUNTS)], ROOT)
+    assert result.returncode == 0, result.stderr
+    documents = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(result.stdout)}
+    deployment = documents[("Deployment", "task-bridge")]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]} | set(documents[("ConfigMap", "task-bridge")]["data"])
+    assert "BRIDGE_CONFIG_FILE" in names
+    assert not [n for n in names if n.startswith("ALIBABA_CLOUD_") or n == "BRIDGE_ACCOUNT"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["credentials"]["secret"]["secretName"] == "task-bridge-accounts"
+    accounts_toml = documents[("ConfigMap", "task-bridge-accounts")]["data"]["accounts.toml"]
+    assert accounts_toml == (CONFIG / "accounts.example.toml").read_text(encoding="utf-8")
+
+
 # --- deploy/rabbitmq/definitions.json ---
 
 
@@ -699,6 +915,27 @@ def test_definitions_give_the_other_demo_users_their_passwords(definitions: dict
 
 # --- metric names, alert rules, dashboard ---
 
+# The metrics labelled by account (docs/operating.md#several-accounts), the label first.
+ACCOUNT_METRICS = (
+    "bridge_polls_total",
+    "bridge_upstream_requests_total",
+    "bridge_upstream_request_duration_seconds",
+    "bridge_details_received_total",
+    "bridge_events_published_total",
+    "bridge_acknowledgements_total",
+    "bridge_invalid_records_total",
+    "bridge_details_returned_after_ack_total",
+    "bridge_conflicting_details_total",
+    "bridge_ack_results_unusable_total",
+    "bridge_confirmed_unacknowledged",
+    "bridge_ack_batch_size",
+    "bridge_upstream_backlog",
+    "bridge_last_successful_poll_timestamp_seconds",
+    "bridge_leader",
+    "bridge_leader_transitions_total",
+    "bridge_account_failing",
+)
+
 
 def _metric_tokens(text: str) -> set[str]:
     return set(re.findall(r"\b(?:bridge|process|python)_[a-z_]+", text))
@@ -737,7 +974,7 @@ def test_alert_rules_are_complete() -> None:
     expressions = {rule["alert"]: rule["expr"] for rule in rules}
     required = {
         "up == 0": "up{",
-        "poll age": "bridge_last_successful_poll_timestamp_seconds > process_start_time_seconds",
+        "poll age": "bridge_last_successful_poll_timestamp_seconds > on (job, instance) group_left process_start",
         "failing polls": 'bridge_polls_total{outcome="error"}',
         "publish failures": 'bridge_events_published_total{outcome!="ack"}[2m]',
         "confirmed unacknowledged": "bridge_confirmed_unacknowledged",
@@ -748,10 +985,23 @@ def test_alert_rules_are_complete() -> None:
         "invalid queue": 'rabbitmq_detailed_queue_messages_ready{queue=~".+\\\\.invalid"}',
         "no leader for an account": "max by (job, account) (bridge_leader) == 0",
         "two leaders of an account": "sum by (job, account) (bridge_leader) > 1",
-        "a standby is not a bridge that stopped polling": "max by (job, instance) (bridge_leader) == 0",
+        "a standby is not a bridge that stopped polling": "unless on (job, instance, account) bridge_leader == 0",
+        "a parked account": "max by (job, account) (bridge_account_failing) == 1",
     }
     for what, fragment in required.items():
         assert any(fragment in expr for expr in expressions.values()), f"no alert on {what}"
+    # Several accounts in one process: an alert on a metric labelled by account keeps the label (fires for that
+    # account alone) and names the account; the process-wide ones (scrape, broker connection) have none.
+    per_account = {name for name in ACCOUNT_METRICS if name != "bridge_leader_transitions_total"}
+    for rule in rules:
+        used = set(re.findall(r"\b(bridge_[a-z_]+?)(?:_bucket|_count|_sum)?\b", rule["expr"]))
+        if not used & per_account:
+            continue
+        aggregations = re.findall(r"\b(?:sum|max|min|avg|count) by \(([^)]*)\)", rule["expr"])
+        assert all("account" in labels for labels in aggregations), f"{rule['alert']} aggregates the account away"
+        annotations = rule["annotations"]
+        assert "{{ $labels.account }}" in annotations["summary"], rule["alert"]
+        assert "{{ $labels.account }}" in annotations["description"], rule["alert"]
 
 
 def test_alert_rules_check_and_unit_tests_pass() -> None:
@@ -778,6 +1028,27 @@ def test_every_alert_has_a_true_positive_and_a_quiet_case() -> None:
     alerts = {rule["alert"] for rule in _alert_rules()}
     assert alerts <= fires, f"no promtool case where these fire: {sorted(alerts - fires)}"
     assert alerts <= quiet, f"no promtool case where these stay quiet: {sorted(alerts - quiet)}"
+
+
+def test_every_per_account_alert_is_tested_with_two_accounts() -> None:
+    # The one in trouble fires, and the healthy account beside it (same process) is not in the expected alerts.
+    per_account = {name for name in ACCOUNT_METRICS if name != "bridge_leader_transitions_total"}
+    alerts = {
+        rule["alert"]
+        for rule in _alert_rules()
+        if set(re.findall(r"\b(bridge_[a-z_]+?)(?:_bucket|_count|_sum)?\b", rule["expr"])) & per_account
+    }
+    assert len(alerts) >= 9
+    covered = set()
+    for case in _yaml(DEPLOY / "prometheus" / "alerts.test.yml")["tests"]:
+        accounts = {a for s in case["input_series"] for a in re.findall(r'account="([^"]+)"', s["series"])}
+        if len(accounts) < 2:
+            continue
+        for check in case["alert_rule_test"]:
+            fired = {alert["exp_labels"].get("account") for alert in check.get("exp_alerts") or []}
+            if fired and None not in fired and fired < accounts:
+                covered.add(check["alertname"])
+    assert alerts <= covered, f"no two-account promtool case where one fires alone: {sorted(alerts - covered)}"
 
 
 def test_every_alert_has_a_runbook_section() -> None:
@@ -832,13 +1103,35 @@ def test_dashboard_covers_the_drain(tmp_path: Path) -> None:
     assert "histogram_quantile(0.99" in text and "histogram_quantile(0.5" in text
 
 
+def test_dashboard_shows_each_account(tmp_path: Path) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "task-bridge.json").read_text(encoding="utf-8"))
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "account")
+    assert variable["type"] == "query" and variable["multi"] is True and variable["includeAll"] is True
+    assert variable["definition"] == variable["query"]["query"] == "label_values(bridge_polls_total, account)"
+    assert variable["allValue"] == ".*"
+    per_account = re.compile(r"\b(" + "|".join(ACCOUNT_METRICS) + r")(?:_bucket)?\{([^}]*)\}")
+    shown = set()
+    for panel in _dashboard_panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for metric, selector in per_account.findall(expr):
+                shown.add(metric)
+                assert 'account=~"$account"' in selector, f"{panel['title']}: {metric} ignores the account variable"
+            if per_account.search(expr):
+                # One line per account: its legend names the account, and no sum or max adds accounts together.
+                assert "{{account}}" in target["legendFormat"], panel["title"]
+                for labels in re.findall(r"\b(?:sum|max|min|avg) by \(([^)]*)\)", expr):
+                    assert "account" in labels, f"{panel['title']} adds accounts together"
+    assert "bridge_account_failing" in shown
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = _promtool()
     rules = []
     for panel in _dashboard_panels():
         for target in panel["targets"]:
             # Grafana's variables, replaced by what they expand to, so promtool can parse the query.
-            expr = target["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*")
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$account", ".*")
             rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr})
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")

@@ -43,6 +43,27 @@ def test_metrics_table_lists_every_metric() -> None:
     assert listed == exported
 
 
+def test_metrics_table_labels_per_account_metrics_first() -> None:
+    # Several accounts in one process: the metrics of an account's work carry `account` as their first label,
+    # the process-wide ones none (docs/operating.md#several-accounts).
+    section = OPERATING.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| \w+ \|([^|]*)\|", section, flags=re.MULTILINE)
+    assert len(rows) > 20
+    labelled = {name for name, labels in rows if labels.strip().startswith("`account`")}
+    assert not [name for name, labels in rows if "`account`" in labels and name not in labelled], "account first"
+    process_wide = {
+        "bridge_publishes_in_flight",
+        "bridge_publish_confirm_duration_seconds",
+        "bridge_broker_connected",
+        "bridge_broker_blocked",
+        "bridge_operator_connections_dropped_total",
+        "bridge_info",
+    }
+    bridge = {name for name, _ in rows if name.startswith("bridge_")}
+    assert labelled == bridge - process_wide
+    assert "bridge_account_failing" in labelled
+
+
 def test_readme_test_command_is_what_ci_runs() -> None:
     command = "python -m pytest"
     assert f"pip install -e '.[test]' && {command}" in README
