@@ -744,13 +744,20 @@ def _describe(error: Any, config: _ConfigFile | None) -> str:
     if len(loc) < 2:
         return why  # a check across settings, whose message names its variables itself
     setting = _BY_PLACE.get((str(loc[0]), str(loc[1])))
-    name = setting.variable if setting is not None else ".".join(map(str, loc))
-    if config is not None and setting is not None and setting.flat in config.top and _from_file_only(setting):
-        name = f"{setting.variable.removeprefix('BRIDGE_').lower()} (config file {config.path!r})"
+    if setting is None:
+        return f"{'.'.join(map(str, loc))}: {why}"
+    name = _where(setting, config)
     value = error.get("input")
-    if unknown or setting is None or setting.flat in SECRET_FIELDS or value is None or isinstance(value, dict):
+    if unknown or setting.flat in SECRET_FIELDS or value is None or isinstance(value, dict):
         return f"{name}: {why}"
     return f"{name}: {why} (got {value!r})"
+
+
+def _where(setting: _Setting, config: _ConfigFile | None) -> str:
+    """The variable of ``setting``, or the config file's key when only the file sets it."""
+    if config is not None and setting.flat in config.top and _from_file_only(setting):
+        return f"{setting.variable.removeprefix('BRIDGE_').lower()} (config file {config.path!r})"
+    return setting.variable
 
 
 def _describe_listed_account(loc: list[Any], why: str, value: Any, config: _ConfigFile, *, show_value: bool) -> str:

@@ -8,6 +8,8 @@ HTTP (one per account, each with its own access key pair) and the machine's brok
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from bridge.app import App
 from bridge.cli import EXIT_OK, EXIT_USAGE
 from bridge.configview import config_rows
 from bridge.errors import AccountFailedError, SettingsError
+from bridge.logs import JsonFormatter, for_account
 from bridge.metrics import Metrics
 from bridge.settings import load_settings, origins
 from bridge.simulator import Simulator, running
@@ -305,3 +308,28 @@ async def test_run_and_check_read_the_config_file(
     env["ALIBABA_CLOUD_ACCESS_KEY_ID"] = "stray"
     code, output = await cli("run", "--once", "--config", str(config))
     assert code == EXIT_USAGE and "ALIBABA_CLOUD_ACCESS_KEY_ID: set, but the config file lists" in output
+
+
+async def test_lines_logged_for_an_account_carry_its_name() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("bridge.test-accounts")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def account_task(name: str) -> None:
+        for_account(name)
+        await asyncio.create_task(asyncio.sleep(0))  # a task it starts inherits the name
+        logger.info("polled", extra={"page": 1})
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(account_task("reseller-eu"))
+            group.create_task(account_task("reseller-cn"))
+        logger.info("process line")
+    finally:
+        logger.removeHandler(handler)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert sorted(e.get("account") for e in entries if e["message"] == "polled") == ["reseller-cn", "reseller-eu"]
+    assert "account" not in next(e for e in entries if e["message"] == "process line")

@@ -184,7 +184,7 @@ async def test_a_refusal_while_the_other_nodes_are_down_is_a_refusal(broker_url:
     # Users are the same on every node of a cluster: the nodes that did not answer would have refused too.
     wrong = broker_url.replace(":guest@", ":not-the-pw@")
     with pytest.raises(BrokerRefusedError) as caught:
-        await refusals.connect(_settings(_closed_url(), wrong))
+        await refusals.connect(_settings(_closed_url(), wrong).broker)
     text = str(caught.value)
     assert "node 2: the broker at amqp://guest:***@127.0.0.1:5672/ refused the login of user 'guest'" in text
     assert "not-the-pw" not in text

@@ -418,7 +418,7 @@ async def test_operator_port_reports_health_readiness_and_metrics(broker: Broker
         await eventually(lambda: sim.pending_count == 0, what="drain")
         assert (await http.get(f"{base}/readyz")).status_code == 200
         text = (await http.get(f"{base}/metrics")).text
-        assert 'bridge_events_published_total{outcome="ack"} 50.0' in text
+        assert 'bridge_events_published_total{account="default",outcome="ack"} 50.0' in text
         assert "bridge_broker_connected 1.0" in text
         assert settings.broker.amqp_url.get_secret_value() not in text
 

@@ -24,11 +24,19 @@ from bridge.cli import EXIT_FAILURE, EXIT_USAGE
 from bridge.loop import BridgeLoop
 from bridge.metrics import Metrics
 from bridge.publisher import PublishOutcome
-from bridge.settings import Settings, default_of
+from bridge.settings import BrokerSettings, Settings, default_of
 from bridge.simulator import Simulator
-from bridge.upstream import UpstreamClient
 from tests.faults_support import ScenarioQueues, TcpProxy, draining, scenario_queues
-from tests.harness import BRIDGE_COMMAND, asgi_client, bridge_env, bridge_settings, eventually, running_bridge, sample
+from tests.harness import (
+    BRIDGE_COMMAND,
+    asgi_client,
+    bridge_env,
+    bridge_settings,
+    eventually,
+    running_bridge,
+    sample,
+    upstream_client,
+)
 from tests.private_broker import PrivateNode, free_port, private_node
 
 pytestmark = pytest.mark.broker
@@ -413,10 +421,11 @@ def test_url_options_that_bypass_the_tls_settings_are_refused_at_start(tls_node:
 class NackingPublisher:
     """A publisher that nacks the first ``refuse`` publishes and confirms the rest (a broker that recovered)."""
 
-    def __init__(self, refuse: int) -> None:
+    def __init__(self, refuse: int, settings: BrokerSettings) -> None:
+        self.settings = settings
         self.refuse = refuse
         self.published = 0
-        self.connected = True
+        self.connected = self.ever_connected = True
         self.blocked_reason: str | None = None
         self.refused_reason: str | None = None
 
@@ -424,7 +433,7 @@ class NackingPublisher:
     def last_refusal(self) -> str | None:
         return "nacked" if self.published <= self.refuse else None
 
-    async def connect(self) -> None:
+    async def ensure_connected(self) -> None:
         self.connected = True
 
     async def close(self) -> None:
@@ -450,15 +459,15 @@ async def test_first_fully_confirmed_round_after_nacks_ends_the_backoff() -> Non
         backoff_max_s=10.0,
     )
     metrics = Metrics()
-    publisher = NackingPublisher(refuse=page)  # the first round is refused, every later one confirmed
+    publisher = NackingPublisher(refuse=page, settings=settings.broker)  # the first round is refused, every later one confirmed
     started = time.monotonic()
     async with asgi_client(sim) as http:
         loop = BridgeLoop(
-            settings,
-            UpstreamClient(http, settings.upstream, settings.account, metrics=metrics.account(settings.account.name)),
-            publisher,
-            metrics,
-        )  # type: ignore[arg-type]
+            settings.delivery,
+            upstream_client(http, settings, metrics=metrics),
+            publisher,  # type: ignore[arg-type]
+            metrics.account(settings.account.name),
+        )
         complete = await asyncio.wait_for(loop.run(asyncio.Event(), once=True), 60)
     elapsed = time.monotonic() - started
     assert complete and sim.pending_count == 0

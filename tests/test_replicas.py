@@ -41,7 +41,9 @@ SAMPLE_S = 0.1
 KILLED_TAKEOVER_MAX_S = 15.0
 STOPPED_TAKEOVER_MAX_S = 3.0
 
-_SAMPLE = re.compile(r'^(bridge_polls_total\{outcome="ok"\}|bridge_leader\{account="default"\}) (\S+)$', re.MULTILINE)
+_SAMPLE = re.compile(
+    r'^(bridge_polls_total\{account="default",outcome="ok"\}|bridge_leader\{account="default"\}) (\S+)$', re.MULTILINE
+)
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Sampler:
                 continue  # the process is stopping
             values = {name: float(value) for name, value in _SAMPLE.findall(text)}
             leader = values.get('bridge_leader{account="default"}', 0.0) == 1.0
-            polls = values.get('bridge_polls_total{outcome="ok"}', 0.0)
+            polls = values.get('bridge_polls_total{account="default",outcome="ok"}', 0.0)
             if polls > replica.polls and not leader and not replica.leader:
                 self.polled_while_standby.append(index)
             replica.polls, replica.leader = polls, leader

@@ -649,7 +649,7 @@ async def test_metrics_count_each_request_by_outcome(make_client: MakeClient) ->
 
 async def test_backlog_is_left_alone_when_the_page_does_not_say(make_client: MakeClient) -> None:
     metrics = Metrics()
-    metrics.upstream_backlog.set(99)
+    metrics.account("default").upstream_backlog.set(99)
     client, _ = make_client(ok({"Data": {"TaskDetail": []}}), metrics=metrics)
     await client.poll()
     assert sample(metrics, "bridge_upstream_backlog") == 99
