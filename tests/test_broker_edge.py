@@ -459,7 +459,8 @@ async def test_first_fully_confirmed_round_after_nacks_ends_the_backoff() -> Non
         backoff_max_s=10.0,
     )
     metrics = Metrics()
-    publisher = NackingPublisher(refuse=page, settings=settings.broker)  # the first round is refused, every later one confirmed
+    # The first round is refused, every later one confirmed.
+    publisher = NackingPublisher(refuse=page, settings=settings.broker)
     started = time.monotonic()
     async with asgi_client(sim) as http:
         loop = BridgeLoop(
