@@ -26,7 +26,7 @@ from pamqp.commands import Basic
 from bridge.events import Event, InvalidRecord, convert
 from bridge.records import RawRecord
 from bridge.runtime import tune_for_service
-from bridge.settings import Settings
+from bridge.settings import AccountSettings, BrokerSettings
 from bridge.simulator.generator import DetailGenerator
 
 __all__ = ["build_events", "main"]
@@ -35,12 +35,13 @@ __all__ = ["build_events", "main"]
 def build_events(count: int, seed: int) -> list[Event]:
     """``count`` events converted from the simulator's seeded details (the simulator's first ``count``)."""
     generator = DetailGenerator(seed)
-    source = Settings.model_fields["event_source"].default
+    source = BrokerSettings.model_fields["event_source"].default
+    account = AccountSettings.model_fields["name"].default
     now_s = time.time()
     events: list[Event] = []
     for _ in range(count):
         detail = json.loads(json.dumps(generator.next(now_s)))  # as the bridge receives it: parsed JSON
-        item = convert(RawRecord(raw=detail, detail_no=detail["TaskDetailNo"]), source=source)
+        item = convert(RawRecord(raw=detail, detail_no=detail["TaskDetailNo"]), source=source, account=account)
         if isinstance(item, InvalidRecord):
             raise SystemExit(f"the generator made an invalid detail: {item.error}")
         events.append(item)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tuned:
         tune_for_service()
     # The URL comes from the environment, as for the bridge: a password on a command line is visible to ps.
-    args.url = os.environ.get("BRIDGE_AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value()
+    args.url = os.environ.get("BRIDGE_AMQP_URL") or BrokerSettings.model_fields["amqp_url"].default.get_secret_value()
     result = asyncio.run(_main(args))
     print(json.dumps(result), flush=True)
     return 0 if result["failed"] == 0 else 1

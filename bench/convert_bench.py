@@ -23,12 +23,13 @@ from collections.abc import Callable
 from bridge.events import Event, InvalidRecord, convert
 from bridge.records import RawRecord
 from bridge.runtime import tune_for_service
-from bridge.settings import Settings
+from bridge.settings import AccountSettings, BrokerSettings
 from bridge.simulator.generator import DetailGenerator
 
 __all__ = ["main"]
 
-_SOURCE: str = Settings.model_fields["event_source"].default
+_SOURCE: str = BrokerSettings.model_fields["event_source"].default
+_ACCOUNT: str = AccountSettings.model_fields["name"].default
 
 
 def page_of(details: int, seed: int) -> list[RawRecord]:
@@ -40,7 +41,7 @@ def page_of(details: int, seed: int) -> list[RawRecord]:
 
 
 def _convert_all(records: list[RawRecord]) -> list[Event | InvalidRecord]:
-    return [convert(record, source=_SOURCE) for record in records]
+    return [convert(record, source=_SOURCE, account=_ACCOUNT) for record in records]
 
 
 def _best_us_per_detail(run: Callable[[], object], details: int, repeat: int) -> float:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def both() -> None:
         for record in records:
-            convert(record, source=_SOURCE).properties()
+            convert(record, source=_SOURCE, account=_ACCOUNT).properties()
 
     if args.profile:
         profiler = cProfile.Profile()

@@ -8,9 +8,12 @@ Event body: CloudEvents 1.0, structured mode, JSON::
 
     {"specversion": "1.0", "id": <TaskDetailNo>, "source": <configured>, "type": EVENT_TYPE,
      "subject": <DomainName>, "time": <UpdateTime in UTC, RFC 3339>, "datacontenttype": "application/json",
-     "data": <the TaskDetail exactly as received>}
+     "account": <the Alibaba account's name>, "data": <the TaskDetail exactly as received>}
 
 ``subject`` is left out when DomainName is missing, null or empty; ``time`` when UpdateTime is missing or null.
+``account`` is a CloudEvents extension attribute (after the core attributes, before ``data``): the name of the
+Alibaba account the record was polled for (``default`` with a single account), also in the ``account`` header of
+the event and of an invalid record; it matches :data:`ACCOUNT_PATTERN`. The routing key does not carry it.
 Upstream times carry no zone and are Beijing time (UTC+8, no daylight saving): ``"2018-03-26 15:22:18"`` becomes
 ``"2018-03-26T07:22:18Z"``. The AMQP ``timestamp`` property carries the same instant (UpdateTime in UTC, whole
 seconds), so a re-published message is identical; when UpdateTime is missing or null, or before 1970 (AMQP
@@ -57,6 +60,8 @@ from bridge.encoding import ENCODE_ERRORS, cut, encode, encode_as_text, find_une
 from bridge.records import RawRecord
 
 __all__ = [
+    "ACCOUNT_HEADER",
+    "ACCOUNT_PATTERN",
     "APP_ID",
     "DATA_CONTENT_TYPE",
     "EVENT_CONTENT_TYPE",
@@ -83,8 +88,12 @@ SPECVERSION: Final = "1.0"
 EVENT_CONTENT_TYPE: Final = "application/cloudevents+json"
 INVALID_CONTENT_TYPE: Final = "application/json"
 DATA_CONTENT_TYPE: Final = "application/json"
-EVENT_HEADERS: Final = ("task_type", "task_status", "domain_name")
+EVENT_HEADERS: Final = ("task_type", "task_status", "domain_name", "account")
 """Headers of every event (``domain_name`` only when DomainName is a non-empty string), for header exchanges."""
+ACCOUNT_HEADER: Final = "account"
+"""The header (and CloudEvents extension attribute) naming the account, on events and invalid records alike."""
+ACCOUNT_PATTERN: Final = r"^[a-z0-9-]{1,40}$"
+"""Every account name: a CloudEvents extension value and a header value that needs no escaping or cutting."""
 VALIDATION_ERROR_HEADER: Final = "x-validation-error"
 MAX_HEADER_CHARS: Final = 1000
 """Header values longer than this are cut (ending in ``…``) so one odd record cannot bloat every message."""
@@ -100,6 +109,7 @@ _MAX_ROUTING_PART: Final = 127  # two parts and the dot fit AMQP's 255-byte shor
 _UNSAFE_ROUTING = re.compile(r"[^a-z0-9_-]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _UPSTREAM_TIME = re.compile(UPSTREAM_TIME_PATTERN)
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _UPSTREAM_OFFSET: Final = timedelta(hours=8)
 _EPOCH: Final = datetime(1970, 1, 1)
 _STATUS_LIST: Final = ", ".join(TASK_STATUS_CODES)
@@ -160,7 +170,8 @@ class Event:
     """A valid TaskDetail as a CloudEvents message for the topic exchange.
 
     ``message_id`` is the TaskDetailNo; ``body`` the CloudEvents JSON (UTF-8); ``task_type``, ``task_status``,
-    ``domain_name`` the original values, repeated in headers; ``timestamp`` the AMQP timestamp (aware, UTC).
+    ``domain_name`` the original values and ``account`` the account's name, repeated in headers; ``timestamp``
+    the AMQP timestamp (aware, UTC).
     """
 
     message_id: str
@@ -169,12 +180,14 @@ class Event:
     task_type: str
     task_status: str
     domain_name: str | None
+    account: str
     timestamp: datetime
 
     def _headers(self) -> dict[str, Any]:
         headers: dict[str, Any] = {"task_type": _header_text(self.task_type), "task_status": self.task_status}
         if self.domain_name is not None:
             headers["domain_name"] = _header_text(self.domain_name)
+        headers[ACCOUNT_HEADER] = self.account  # matches ACCOUNT_PATTERN: nothing to cut or escape
         return headers
 
     def message(self) -> aio_pika.Message:
@@ -213,20 +226,25 @@ class InvalidRecord:
     ``message_id`` is the TaskDetailNo, or ``sha256:<hex>`` of it (or of the body when there is none) when it
     cannot be an AMQP ``message_id``; ``error`` the problems, one line; ``body`` the raw record as JSON (what
     JSON cannot carry rendered as a string); ``routing_key`` the best-effort :func:`routing_key` of its TaskType
-    and TaskStatus (the invalid exchange is fanout, so it only informs); ``timestamp`` the time of the conversion.
+    and TaskStatus (the invalid exchange is fanout, so it only informs); ``account`` the account's name, in the
+    ``account`` header (the body stays the record as received); ``timestamp`` the time of the conversion.
     """
 
     message_id: str
     error: str
     body: bytes
     routing_key: str
+    account: str
     timestamp: datetime
 
+    def _headers(self) -> dict[str, Any]:
+        return {VALIDATION_ERROR_HEADER: _header_text(self.error), ACCOUNT_HEADER: self.account}
+
     def message(self) -> aio_pika.Message:
-        """A new persistent AMQP message carrying the raw record and the error in ``x-validation-error``."""
+        """A new persistent AMQP message: the raw record, the error in ``x-validation-error``, the account."""
         return aio_pika.Message(
             self.body,
-            headers={VALIDATION_ERROR_HEADER: _header_text(self.error)},
+            headers=self._headers(),
             content_type=INVALID_CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=self.message_id,
@@ -238,7 +256,7 @@ class InvalidRecord:
         """The properties of :meth:`message`, built directly for the publisher's hot path."""
         return Properties(
             content_type=INVALID_CONTENT_TYPE,
-            headers={VALIDATION_ERROR_HEADER: _header_text(self.error)},
+            headers=self._headers(),
             delivery_mode=_PERSISTENT,
             priority=0,
             message_id=self.message_id,
@@ -247,23 +265,32 @@ class InvalidRecord:
         )
 
 
-def convert(record: RawRecord, *, source: str) -> Event | InvalidRecord:
+def convert(record: RawRecord, *, source: str, account: str) -> Event | InvalidRecord:
     """Validate ``record`` and build its :class:`Event`, or an :class:`InvalidRecord` naming every problem.
 
-    ``source`` is the CloudEvents ``source`` (``BRIDGE_EVENT_SOURCE``). Never raises: whatever the record holds,
-    it comes back as an event or an invalid record.
+    ``source`` is the CloudEvents ``source`` (``BRIDGE_EVENT_SOURCE``); ``account`` the name of the account the
+    record was polled for (``default`` with a single account). Whatever the record holds, it comes back as an
+    event or an invalid record; only an ``account`` outside :data:`ACCOUNT_PATTERN` raises ValueError (the
+    settings validate it, so that is a bug in the caller, found before any record is converted).
     """
+    _check_account(account)
     try:
-        return _convert(record, source)
+        return _convert(record, source, account)
     except Exception as exc:  # a bug here must not stop the flow or lose the record: keep it on the invalid route
         why = " ".join(f"{type(exc).__name__}: {exc}".splitlines())
-        return _invalid(record, [cut(f"TaskDetail: could not be converted ({why})")], None, None)
+        return _invalid(record, account, [cut(f"TaskDetail: could not be converted ({why})")], None, None)
 
 
-def _convert(record: RawRecord, source: str) -> Event | InvalidRecord:
+@functools.lru_cache(maxsize=64)  # a process has a handful of accounts: checked once each, not per event
+def _check_account(account: str) -> None:
+    if type(account) is not str or _ACCOUNT.fullmatch(account) is None:
+        raise ValueError(f"account: {_show(account)} does not match {ACCOUNT_PATTERN}")
+
+
+def _convert(record: RawRecord, source: str, account: str) -> Event | InvalidRecord:
     raw = record.raw
     if not isinstance(raw, dict):
-        return _invalid(record, [f"TaskDetail: {_show(raw)} is not a JSON object"], None, None)
+        return _invalid(record, account, [f"TaskDetail: {_show(raw)} is not a JSON object"], None, None)
     found = _lookup(raw)
     problems: list[str] = []
     _check_detail_no(found["TaskDetailNo"], record.detail_no, problems)
@@ -275,12 +302,18 @@ def _convert(record: RawRecord, source: str) -> Event | InvalidRecord:
     domain_name = _check_domain_name(found["DomainName"], problems)
     utc = _in_utc(found["UpdateTime"], updated, problems)  # after DomainName: the order of the error's parts
     if problems or record.problem is not None:
-        return _invalid(record, problems, task_type, task_status)
-    return _event(record, source, task_type, task_status, domain_name, utc)
+        return _invalid(record, account, problems, task_type, task_status)
+    return _event(record, source, account, task_type, task_status, domain_name, utc)
 
 
 def _event(
-    record: RawRecord, source: str, task_type: str, task_status: str, domain_name: str | None, utc: datetime | None
+    record: RawRecord,
+    source: str,
+    account: str,
+    task_type: str,
+    task_status: str,
+    domain_name: str | None,
+    utc: datetime | None,
 ) -> Event | InvalidRecord:
     detail_no = record.detail_no
     assert detail_no is not None  # validated; narrows the type for mypy
@@ -290,11 +323,12 @@ def _event(
     if utc is not None:
         envelope["time"] = utc.isoformat() + "Z"
     envelope["datacontenttype"] = DATA_CONTENT_TYPE
+    envelope["account"] = account  # an extension attribute: after the core ones, before data
     envelope["data"] = record.raw
     try:
         body = encode(envelope, record.raw)
     except ENCODE_ERRORS:  # _invalid names the value
-        return _invalid(record, [], task_type, task_status)
+        return _invalid(record, account, [], task_type, task_status)
     if utc is not None and utc >= _EPOCH:
         timestamp = utc.replace(tzinfo=UTC)
     else:  # AMQP timestamps are unsigned seconds since 1970
@@ -306,6 +340,7 @@ def _event(
         task_type=task_type,
         task_status=task_status,
         domain_name=domain_name,
+        account=account,
         timestamp=timestamp,
     )
 
@@ -419,7 +454,7 @@ def _required_string(key: str, value: Any) -> str:
     return f"{key}: {_show(value)} is not a non-empty string"
 
 
-def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status: Any) -> InvalidRecord:
+def _invalid(record: RawRecord, account: str, problems: list[str], task_type: Any, task_status: Any) -> InvalidRecord:
     raw = record.raw
     if record.problem is not None:  # the parser's problem first: it is why the record looks as it does
         problems = [" ".join(record.problem.splitlines()) or _UNNAMED_PROBLEM, *problems]
@@ -438,6 +473,7 @@ def _invalid(record: RawRecord, problems: list[str], task_type: Any, task_status
         routing_key=routing_key(
             None if task_type is _MISSING else task_type, None if task_status is _MISSING else task_status
         ),
+        account=account,
         timestamp=datetime.now(UTC).replace(microsecond=0),
     )
 

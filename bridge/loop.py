@@ -407,7 +407,7 @@ class BridgeLoop:
     async def _publish(self, record: RawRecord, token: int) -> None:
         detail_no = record.detail_no
         assert detail_no is not None  # the ledger queues only usable ids
-        item = convert(record, source=self._event_source)
+        item = convert(record, source=self._event_source, account=self.account)
         invalid = isinstance(item, InvalidRecord)
         try:
             outcome = await self._publisher.publish(item, invalid=invalid)

@@ -77,17 +77,18 @@ async def peek(
 
     Raises :class:`UpstreamError`.
     """
-    client = UpstreamClient(http, settings.upstream, account or settings.account)
+    account = account or settings.account
+    client = UpstreamClient(http, settings.upstream, account)
     page = await client.poll(page_num=1, page_size=min(count, settings.upstream.page_size))
-    previews = [_preview(record, settings.broker) for record in page.records]
+    previews = [_preview(record, settings.broker, account.name) for record in page.records]
     return PeekResult(previews, page.total_items, page.request_id)
 
 
-def _preview(record: RawRecord, settings: BrokerSettings) -> Preview:
+def _preview(record: RawRecord, settings: BrokerSettings, account: str) -> Preview:
     if record.detail_no is None:  # as the run loop decides, before any conversion
         body = json.dumps(record.raw, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
         return Preview("left_upstream", None, None, None, body, _LEFT_UPSTREAM)
-    item = convert(record, source=settings.event_source)
+    item = convert(record, source=settings.event_source, account=account)
     invalid = isinstance(item, InvalidRecord)
     return Preview(
         "invalid" if invalid else "event",

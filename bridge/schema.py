@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.events import (
+    ACCOUNT_HEADER,
+    ACCOUNT_PATTERN,
     APP_ID,
     DATA_CONTENT_TYPE,
     EVENT_CONTENT_TYPE,
@@ -97,7 +99,7 @@ def event_json_schema() -> dict[str, Any]:
             f"{APP_ID} with content type {EVENT_CONTENT_TYPE}."
         ),
         "type": "object",
-        "required": ["specversion", "id", "source", "type", "datacontenttype", "data"],
+        "required": ["specversion", "id", "source", "type", "datacontenttype", "account", "data"],
         "properties": {
             "specversion": {"const": SPECVERSION},
             "id": {
@@ -120,6 +122,14 @@ def event_json_schema() -> dict[str, Any]:
                 "description": "UpdateTime (Beijing time) converted to UTC; absent when the record has none.",
             },
             "datacontenttype": {"const": DATA_CONTENT_TYPE},
+            "account": {
+                "type": "string",
+                "pattern": ACCOUNT_PATTERN,
+                "description": (
+                    "CloudEvents extension attribute: the name of the Alibaba account the task detail was polled "
+                    f"for ('default' with a single account); also the AMQP header {ACCOUNT_HEADER!r}."
+                ),
+            },
             "data": {
                 "type": "object",
                 "description": (

@@ -78,7 +78,7 @@ def test_the_events_and_invalid_records_of_a_page_marshal_to_pamqps_bytes() -> N
     details += [{"TaskDetailNo": "bad", "TaskType": 7}, {"TaskType": "x" * 400, "TaskStatus": "é" * 200}]
     kinds = set()
     for detail in details:
-        item = convert(RawRecord(detail, detail.get("TaskDetailNo")), source="urn:test")
+        item = convert(RawRecord(detail, detail.get("TaskDetailNo")), source="urn:test", account="reseller-eu")
         kinds.add(type(item))
         _same_as_pamqp(item.properties())
     assert kinds == {Event, InvalidRecord}

@@ -75,6 +75,7 @@ async def test_drains_thousands_with_exactly_one_correct_event_each(broker: Brok
         assert event["id"] == message.message_id == detail["TaskDetailNo"]
         assert event["subject"] == detail["DomainName"]
         assert event["data"] == detail
+        assert event["account"] == message.headers["account"] == "default"  # the single account's name
     assert await broker.take(broker.unrouted) == []
     assert sample(metrics, "bridge_events_published_total", outcome="ack") == 3000
     assert sample(metrics, "bridge_confirmed_unacknowledged") == 0
@@ -104,6 +105,7 @@ async def test_invalid_records_go_to_the_invalid_queue_and_are_acknowledged(brok
         assert message.content_type == "application/json"
         assert message.delivery_mode == 2
         assert isinstance(message.headers.get("x-validation-error"), str)
+        assert message.headers["account"] == "default"
         assert json.loads(message.body) == sim.detail(str(message.message_id))
     valid = await broker.take(queue.name)
     assert_one_event_per_acknowledged(sim, [str(m.message_id) for m in valid + invalid])

@@ -246,7 +246,7 @@ def _peek_sim() -> Simulator:
 
 def _expected(sim: Simulator, detail_no: str) -> Any:
     record = sim.detail(detail_no)
-    return convert(RawRecord(record, detail_no), source="urn:test:peek")
+    return convert(RawRecord(record, detail_no), source="urn:test:peek", account="default")
 
 
 @broker
@@ -271,6 +271,7 @@ async def test_peek_shows_exactly_what_would_be_published_and_changes_nothing(vi
         assert json.loads(item.body) == preview["body"]
         assert preview["routing_key"] == item.routing_key
         assert properties["headers"] == item.properties().headers
+        assert properties["headers"]["account"] == "default"  # the single account's name
         assert properties["delivery_mode"] == 2 and properties["app_id"] == "task-bridge"
         if isinstance(item, Event):
             assert preview["exchange"] == view.exchange
@@ -563,7 +564,7 @@ async def _consume_one_failure(
         "DomainName": "readme.example",
         "ErrorMsg": "DNS server unreachable",
     }
-    item = convert(RawRecord(record, "readme-1"), source="urn:test")
+    item = convert(RawRecord(record, "readme-1"), source="urn:test", account="default")
     assert isinstance(item, Event)
     exchange = await view.channel.get_exchange(view.exchange)
     await exchange.publish(item.message(), routing_key=item.routing_key)

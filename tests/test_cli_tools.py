@@ -67,7 +67,7 @@ def event(detail_no: str, task_type: str, domain: str, status: str = "EXECUTE_SU
         "DomainName": domain,
         "UpdateTime": "2024-05-01 15:22:18",
     }
-    item = convert(RawRecord(record, detail_no), source="urn:test")
+    item = convert(RawRecord(record, detail_no), source="urn:test", account="default")
     assert isinstance(item, Event)
     return item
 
@@ -239,7 +239,7 @@ async def test_tail_json_filters_by_pattern(view: Broker, broker_url: str) -> No
 async def test_tail_invalid_route_shows_the_validation_error(view: Broker, broker_url: str) -> None:
     tail = await Tail.start(tail_env(broker_url, view.exchange), "--invalid", "--count", "1")
     record = {"TaskDetailNo": "id-bad", "TaskType": "CHG_DNS", "TaskStatus": "DONE", "DomainName": "bad.example"}
-    item = convert(RawRecord(record, "id-bad"), source="urn:test")
+    item = convert(RawRecord(record, "id-bad"), source="urn:test", account="default")
     assert isinstance(item, InvalidRecord)
     exchange = await view.channel.get_exchange(view.invalid)
     await exchange.publish(item.message(), routing_key=item.routing_key)

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from bridge.events import (
+    ACCOUNT_HEADER,
+    ACCOUNT_PATTERN,
     APP_ID,
     EVENT_CONTENT_TYPE,
     EVENT_HEADERS,
@@ -38,9 +40,11 @@ from tests.samples import task_detail as detail
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 SCHEMA_FILE = CONTRACT / "event.schema.json"
 ASYNCAPI_FILE = CONTRACT / "asyncapi.yaml"
+CONSUMERS_DOC = CONTRACT.parent / "docs" / "consumers.md"
 # The defaults, not Settings(): the environment or a .env file must not change what the contract is checked against.
 DEFAULT_EXCHANGE: str = BrokerSettings.model_fields["exchange"].default
 DEFAULT_SOURCE: str = BrokerSettings.model_fields["event_source"].default
+DEFAULT_ACCOUNT = "default"  # the account of a bridge that polls one, as the contract's examples show
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +137,7 @@ def _varied_records() -> list[dict[str, Any]]:
 def test_every_converted_event_validates_against_the_schema(validator: jsonschema.Draft202012Validator) -> None:
     events = 0
     for raw in _varied_records():
-        item = convert(RawRecord(raw, raw.get("TaskDetailNo", "x")), source=DEFAULT_SOURCE)
+        item = convert(RawRecord(raw, raw.get("TaskDetailNo", "x")), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT)
         assert isinstance(item, Event), (raw, getattr(item, "error", None))
         validator.validate(json.loads(item.body))
         events += 1
@@ -163,8 +167,8 @@ def test_schema_rejects_what_the_validator_rejects(
 ) -> None:
     """Downstream teams can rely on the schema: a record the bridge refuses does not pass it either."""
     raw = detail(**changes)
-    assert isinstance(convert(RawRecord(raw, "x"), source=DEFAULT_SOURCE), InvalidRecord)
-    body = json.loads(convert(RawRecord(detail(), "x"), source=DEFAULT_SOURCE).body)
+    assert isinstance(convert(RawRecord(raw, "x"), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT), InvalidRecord)
+    body = json.loads(convert(RawRecord(detail(), "x"), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT).body)
     body["data"] = raw
     assert not validator.is_valid(body)
 
@@ -179,12 +183,24 @@ def test_schema_rejects_what_the_validator_rejects(
         {"subject": ""},
         {"datacontenttype": "text/plain"},
         {"data": [1]},
+        {"account": ""},
+        {"account": "Reseller_EU"},
+        {"account": "a" * 41},
+        {"account": 7},
     ],
 )
 def test_schema_rejects_a_wrong_envelope(validator: jsonschema.Draft202012Validator, changes: dict[str, Any]) -> None:
-    body = json.loads(convert(RawRecord(detail(), "x"), source=DEFAULT_SOURCE).body)
+    body = json.loads(convert(RawRecord(detail(), "x"), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT).body)
     assert validator.is_valid(body)
     body.update(changes)
+    assert not validator.is_valid(body)
+
+
+def test_schema_requires_the_account(validator: jsonschema.Draft202012Validator) -> None:
+    body = json.loads(convert(RawRecord(detail(), "x"), source=DEFAULT_SOURCE, account="reseller-eu").body)
+    assert validator.is_valid(body)
+    assert event_json_schema()["properties"]["account"]["pattern"] == ACCOUNT_PATTERN
+    del body["account"]
     assert not validator.is_valid(body)
 
 
@@ -252,7 +268,8 @@ def test_asyncapi_event_message_matches_the_code(asyncapi: dict[str, Any]) -> No
     assert headers["properties"]["task_status"]["enum"] == list(TASK_STATUS_CODES)
     assert headers["properties"]["task_type"]["maxLength"] == MAX_HEADER_CHARS
     assert headers["properties"]["domain_name"]["maxLength"] == MAX_HEADER_CHARS
-    assert set(headers["required"]) == {"task_type", "task_status"}
+    assert headers["properties"][ACCOUNT_HEADER]["pattern"] == ACCOUNT_PATTERN
+    assert set(headers["required"]) == {"task_type", "task_status", ACCOUNT_HEADER}
 
 
 def test_asyncapi_payload_is_the_schema_file(asyncapi: dict[str, Any]) -> None:
@@ -267,14 +284,18 @@ def test_asyncapi_examples_are_what_the_code_builds(
     asyncapi: dict[str, Any], validator: jsonschema.Draft202012Validator
 ) -> None:
     (example,) = asyncapi["components"]["messages"]["taskFinished"]["examples"]
-    event = convert(RawRecord(example["payload"]["data"], example["payload"]["id"]), source=DEFAULT_SOURCE)
+    event = convert(
+        RawRecord(example["payload"]["data"], example["payload"]["id"]), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT
+    )
     assert isinstance(event, Event)
     assert json.loads(event.body) == example["payload"]
     assert event.message().headers == example["headers"]
     validator.validate(example["payload"])
 
     (bad,) = asyncapi["components"]["messages"]["invalidRecord"]["examples"]
-    invalid = convert(RawRecord(bad["payload"], bad["payload"]["TaskDetailNo"]), source=DEFAULT_SOURCE)
+    invalid = convert(
+        RawRecord(bad["payload"], bad["payload"]["TaskDetailNo"]), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT
+    )
     assert isinstance(invalid, InvalidRecord)
     assert invalid.message().headers == bad["headers"]
 
@@ -285,8 +306,9 @@ def test_asyncapi_invalid_message_matches_the_code(asyncapi: dict[str, Any]) -> 
     assert message["x-amqp-properties"]["content_type"] == INVALID_CONTENT_TYPE
     assert message["x-amqp-properties"]["app_id"] == APP_ID
     assert message["x-amqp-properties"]["delivery_mode"] == aio_pika.DeliveryMode.PERSISTENT.value
-    assert list(message["headers"]["properties"]) == [VALIDATION_ERROR_HEADER]
-    assert message["headers"]["required"] == [VALIDATION_ERROR_HEADER]
+    assert list(message["headers"]["properties"]) == [VALIDATION_ERROR_HEADER, ACCOUNT_HEADER]
+    assert message["headers"]["required"] == [VALIDATION_ERROR_HEADER, ACCOUNT_HEADER]
+    assert message["headers"]["properties"][ACCOUNT_HEADER]["pattern"] == ACCOUNT_PATTERN
     assert message["headers"]["properties"][VALIDATION_ERROR_HEADER]["maxLength"] == MAX_HEADER_CHARS
 
 
@@ -320,3 +342,26 @@ def test_asyncapi_local_refs_resolve(asyncapi: dict[str, Any]) -> None:
     assert len(refs) >= 6
     for ref in refs:
         assert resolve(asyncapi, ref) is not None
+
+
+# --- docs/consumers.md ------------------------------------------------------------------------------------------
+
+
+def test_the_consumer_docs_show_the_event_the_code_builds(validator: jsonschema.Draft202012Validator) -> None:
+    text = CONSUMERS_DOC.read_text(encoding="utf-8")
+    example = json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])
+    event = convert(RawRecord(example["data"], example["id"]), source=DEFAULT_SOURCE, account=DEFAULT_ACCOUNT)
+    assert isinstance(event, Event)
+    assert json.loads(event.body) == example
+    validator.validate(example)
+    # The attribute table names the body's attributes in the body's order, and the header table every header.
+    assert _first_column(text, "| attribute | value |") == list(json.loads(event.body))
+    headers = _first_column(text, "| header | value | on |")
+    assert headers[: len(EVENT_HEADERS)] == list(EVENT_HEADERS)
+    assert headers[len(EVENT_HEADERS) :] == [VALIDATION_ERROR_HEADER]
+
+
+def _first_column(text: str, heading: str) -> list[str]:
+    """The names in the first column of the Markdown table under ``heading``, in order."""
+    table = text.split(heading + "\n", 1)[1].split("\n\n", 1)[0]
+    return [row.split("`")[1] for row in table.splitlines()[1:]]

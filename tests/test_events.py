@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from bridge.encoding import encode
 from bridge.events import (
+    ACCOUNT_PATTERN,
     APP_ID,
     EVENT_CONTENT_TYPE,
     EVENT_TYPE,
@@ -40,17 +41,18 @@ from tests.samples import DETAIL_NO
 from tests.samples import task_detail as sample
 
 SOURCE = "urn:alibabacloud:domain"
+ACCOUNT = "reseller-eu"  # not the default: a test cannot pass by a default it forgot to replace
 STATUSES = "WAITING_EXECUTE, EXECUTING, EXECUTE_SUCCESS, EXECUTE_FAILURE"
 
 
 def event_of(raw: Any, detail_no: str | None = DETAIL_NO) -> Event:
-    item = convert(RawRecord(raw, detail_no), source=SOURCE)
+    item = convert(RawRecord(raw, detail_no), source=SOURCE, account=ACCOUNT)
     assert isinstance(item, Event), getattr(item, "error", item)
     return item
 
 
 def invalid_of(raw: Any, detail_no: str | None = DETAIL_NO) -> InvalidRecord:
-    item = convert(RawRecord(raw, detail_no), source=SOURCE)
+    item = convert(RawRecord(raw, detail_no), source=SOURCE, account=ACCOUNT)
     assert isinstance(item, InvalidRecord), item
     return item
 
@@ -118,10 +120,24 @@ def test_sample_record_becomes_the_documented_event() -> None:
         "subject": "example.com",
         "time": "2018-03-26T07:22:18Z",
         "datacontenttype": "application/json",
+        "account": ACCOUNT,
         "data": raw,
     }
-    # Compact UTF-8 JSON, CloudEvents attributes first, data last and in the upstream's key order.
+    # Compact UTF-8 JSON, CloudEvents attributes first, the account extension after them, data last and in the
+    # upstream's key order.
     assert event.body.startswith(b'{"specversion":"1.0","id":"15fee9d10d514bada66bd08c5723c583","source":')
+    assert list(body_of(event)) == [
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "account",
+        "data",
+    ]
+    assert b'"datacontenttype":"application/json","account":"reseller-eu","data":{' in event.body
     assert list(body_of(event)["data"]) == list(raw)
     assert event.timestamp == datetime(2018, 3, 26, 7, 22, 18, tzinfo=UTC)
 
@@ -369,7 +385,8 @@ def test_invalid_record_message_properties() -> None:
     assert message.app_id == APP_ID
     assert message.timestamp is not None and before <= message.timestamp <= datetime.now(UTC)
     assert message.headers == {
-        VALIDATION_ERROR_HEADER: "TaskStatusCode: 3 does not agree with TaskStatus 'EXECUTE_SUCCESS' (expects 2)"
+        VALIDATION_ERROR_HEADER: "TaskStatusCode: 3 does not agree with TaskStatus 'EXECUTE_SUCCESS' (expects 2)",
+        "account": ACCOUNT,
     }
     assert message.body == invalid.body == json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
     assert invalid.routing_key == "chg_dns.execute_success"  # best effort, informative only
@@ -484,18 +501,20 @@ HUGE = 10**5000 + 7  # beyond Python's 4,300-digit limit for int <-> str
 def test_the_parsers_problem_makes_an_invalid_record_that_keeps_the_record() -> None:
     problem = "Amount: '1234567890…' (5000 digits) is a number too long to represent"
     raw = sample(Amount="1" * 5000)  # the parser kept the number as its text
-    invalid = convert(RawRecord(raw, DETAIL_NO, problem=problem), source=SOURCE)
+    invalid = convert(RawRecord(raw, DETAIL_NO, problem=problem), source=SOURCE, account=ACCOUNT)
     assert isinstance(invalid, InvalidRecord)
     assert invalid.error == problem
     assert strict_json(invalid.body) == raw
     assert invalid.message_id == DETAIL_NO
     assert invalid.routing_key == "chg_dns.execute_success"
-    assert invalid.message().headers == {VALIDATION_ERROR_HEADER: problem}
+    assert invalid.message().headers == {VALIDATION_ERROR_HEADER: problem, "account": ACCOUNT}
 
 
 def test_the_parsers_problem_comes_first_then_the_validation_problems() -> None:
     raw = sample(TaskStatus="DONE", Amount=HUGE)
-    invalid = convert(RawRecord(raw, DETAIL_NO, problem="Amount: 1000… is too long\nto represent"), source=SOURCE)
+    invalid = convert(
+        RawRecord(raw, DETAIL_NO, problem="Amount: 1000… is too long\nto represent"), source=SOURCE, account=ACCOUNT
+    )
     assert isinstance(invalid, InvalidRecord)
     # One line, and the value the parser named is not named twice.
     assert invalid.error == f"Amount: 1000… is too long to represent; TaskStatus: 'DONE' is not one of {STATUSES}"
@@ -503,7 +522,7 @@ def test_the_parsers_problem_comes_first_then_the_validation_problems() -> None:
 
 
 def test_an_empty_problem_from_the_parser_still_says_why() -> None:
-    invalid = convert(RawRecord(sample(), DETAIL_NO, problem=""), source=SOURCE)
+    invalid = convert(RawRecord(sample(), DETAIL_NO, problem=""), source=SOURCE, account=ACCOUNT)
     assert isinstance(invalid, InvalidRecord)
     assert invalid.error == "TaskDetail: holds a value the upstream parser could not represent"
     assert json.loads(invalid.body) == sample()
@@ -616,7 +635,12 @@ def test_event_message_properties() -> None:
     assert message.type == EVENT_TYPE
     assert message.app_id == APP_ID
     assert message.timestamp == datetime(2018, 3, 26, 7, 22, 18, tzinfo=UTC)
-    assert message.headers == {"task_type": "CHG_DNS", "task_status": "EXECUTE_SUCCESS", "domain_name": "example.com"}
+    assert message.headers == {
+        "task_type": "CHG_DNS",
+        "task_status": "EXECUTE_SUCCESS",
+        "domain_name": "example.com",
+        "account": ACCOUNT,
+    }
     assert all(isinstance(value, str) for value in message.headers.values())
     assert_amqp_encodable(message)
 
@@ -650,7 +674,9 @@ def test_convert_never_raises_and_every_message_encodes() -> None:
     kinds = {Event: 0, InvalidRecord: 0}
     for values in itertools.product(ODD_VALUES, repeat=2):
         for first, second in itertools.pairwise(fields):
-            item = convert(RawRecord(sample(**{first: values[0], second: values[1]}), DETAIL_NO), source=SOURCE)
+            item = convert(
+                RawRecord(sample(**{first: values[0], second: values[1]}), DETAIL_NO), source=SOURCE, account=ACCOUNT
+            )
             kinds[type(item)] += 1
             assert_amqp_encodable(item.message())
             assert re.fullmatch(r"[a-z0-9_.-]{3,255}", item.routing_key)
@@ -685,10 +711,16 @@ async def test_messages_round_trip_through_rabbitmq(broker_url: str, exchange_na
     assert got_event.content_type == EVENT_CONTENT_TYPE and got_event.type == EVENT_TYPE
     assert got_event.app_id == APP_ID
     assert got_event.timestamp == datetime(2018, 3, 26, 7, 22, 18, tzinfo=UTC)
-    assert got_event.headers == {"task_type": "CHG_DNS", "task_status": "EXECUTE_SUCCESS", "domain_name": "例子.com"}
+    assert got_event.headers == {
+        "task_type": "CHG_DNS",
+        "task_status": "EXECUTE_SUCCESS",
+        "domain_name": "例子.com",
+        "account": ACCOUNT,
+    }
     assert got_event.body == event.body
     assert got_invalid.content_type == INVALID_CONTENT_TYPE
     assert got_invalid.headers[VALIDATION_ERROR_HEADER] == invalid.error
+    assert got_invalid.headers["account"] == ACCOUNT
     assert got_invalid.timestamp is not None
     assert abs(got_invalid.timestamp - datetime.now(UTC)) < timedelta(minutes=1)
     assert got_invalid.body == invalid.body
@@ -696,12 +728,56 @@ async def test_messages_round_trip_through_rabbitmq(broker_url: str, exchange_na
 
 def test_properties_are_exactly_what_the_message_would_send() -> None:
     # The publisher sends properties() directly; message() is what aio-pika users (and the contract) see.
-    event = convert(RawRecord(sample(), DETAIL_NO), source=SOURCE)
-    invalid = convert(RawRecord(sample(TaskStatusCode=3), DETAIL_NO), source=SOURCE)
+    event = convert(RawRecord(sample(), DETAIL_NO), source=SOURCE, account=ACCOUNT)
+    invalid = convert(RawRecord(sample(TaskStatusCode=3), DETAIL_NO), source=SOURCE, account=ACCOUNT)
     assert isinstance(event, Event)
     assert isinstance(invalid, InvalidRecord)
     for item in (event, invalid):
         assert item.properties() == item.message().properties
+
+
+# --- the account ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("account", ["default", "reseller-eu", "0", "-", "a" * 40, "a-1-b"])
+def test_the_account_is_an_attribute_of_every_event_and_a_header_of_every_message(account: str) -> None:
+    event = convert(RawRecord(sample(), DETAIL_NO), source=SOURCE, account=account)
+    invalid = convert(RawRecord(sample(TaskStatusCode=3), DETAIL_NO), source=SOURCE, account=account)
+    assert isinstance(event, Event)
+    assert isinstance(invalid, InvalidRecord)
+    assert event.account == invalid.account == account
+    assert body_of(event)["account"] == account
+    assert event.message().headers["account"] == account
+    assert invalid.message().headers["account"] == account
+    assert json.loads(invalid.body) == sample(TaskStatusCode=3)  # the invalid body stays the record as received
+    for item in (event, invalid):
+        assert item.properties() == item.message().properties
+        assert_amqp_encodable(item.message())
+
+
+def test_the_account_changes_neither_the_routing_key_nor_the_message_id() -> None:
+    eu = event_of(sample())
+    us = convert(RawRecord(sample(), DETAIL_NO), source=SOURCE, account="reseller-us")
+    assert isinstance(us, Event)
+    assert (eu.message_id, eu.routing_key, eu.timestamp) == (us.message_id, us.routing_key, us.timestamp)
+    assert eu.body.replace(b'"account":"reseller-eu"', b'"account":"reseller-us"') == us.body
+
+
+def test_a_record_that_cannot_be_converted_keeps_its_account() -> None:
+    class Hostile(dict[str, Any]):
+        def get(self, key: Any, default: Any = None) -> Any:
+            raise RuntimeError("boom")
+
+    invalid = invalid_of(Hostile(sample()))
+    assert invalid.error.startswith("TaskDetail: could not be converted")
+    assert invalid.message().headers["account"] == ACCOUNT
+
+
+@pytest.mark.parametrize("account", ["", "Default", "a_b", "a.b", "a b", "é", "a" * 41, "default\n"])
+def test_an_account_outside_the_pattern_is_refused(account: str) -> None:
+    assert re.fullmatch(ACCOUNT_PATTERN, account) is None
+    with pytest.raises(ValueError, match=r"^account: "):
+        convert(RawRecord(sample(), DETAIL_NO), source=SOURCE, account=account)
 
 
 # --- the refactored converter gives what the old one gave (tests/events_reference.py) ---------------------------
@@ -722,6 +798,7 @@ def _containers_of(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 _JSON = st.recursive(_SCALARS, _containers_of, max_leaves=6)
+_ACCOUNTS = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-"), min_size=1, max_size=40)
 _TIMES = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)).map(
     lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S").rjust(19, "0")
 )
@@ -776,9 +853,12 @@ def assert_same_conversion(new: Event | InvalidRecord, old: Event | InvalidRecor
 
 
 @settings(max_examples=800, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(record=_records())
-def test_convert_gives_what_the_old_convert_gave(record: RawRecord) -> None:
-    assert_same_conversion(convert(record, source=SOURCE), events_reference.convert(record, source=SOURCE))
+@given(record=_records(), account=_ACCOUNTS)
+def test_convert_gives_what_the_old_convert_gave(record: RawRecord, account: str) -> None:
+    assert_same_conversion(
+        convert(record, source=SOURCE, account=account),
+        events_reference.convert(record, source=SOURCE, account=account),
+    )
 
 
 _FLAT_VALUES = (
@@ -787,14 +867,15 @@ _FLAT_VALUES = (
 
 
 @settings(max_examples=800, deadline=None, database=None)
-@given(data=st.dictionaries(st.text(_CHARS, max_size=12), _FLAT_VALUES, max_size=16))
-def test_the_fast_encoder_writes_the_bytes_of_the_standard_one(data: dict[str, Any]) -> None:
+@given(data=st.dictionaries(st.text(_CHARS, max_size=12), _FLAT_VALUES, max_size=16), account=_ACCOUNTS)
+def test_the_fast_encoder_writes_the_bytes_of_the_standard_one(data: dict[str, Any], account: str) -> None:
     """Records of strings, integers, booleans and nulls take orjson; its bytes are the standard encoder's."""
-    envelope = {"specversion": "1.0", "id": "x", "data": data}
+    envelope = {"specversion": "1.0", "id": "x", "account": account, "data": data}
     expected = events_reference._encode(envelope)
     assert encode(envelope, data) == expected
-    assert convert(RawRecord(dict(sample(), **data), DETAIL_NO), source=SOURCE).body == (
-        events_reference.convert(RawRecord(dict(sample(), **data), DETAIL_NO), source=SOURCE).body
+    record = RawRecord(dict(sample(), **data), DETAIL_NO)
+    assert convert(record, source=SOURCE, account=account).body == (
+        events_reference.convert(record, source=SOURCE, account=account).body
     )
 
 
@@ -804,9 +885,9 @@ def test_generated_details_convert_as_before() -> None:
     for _ in range(2000):
         detail = json.loads(json.dumps(generator.next(1_700_000_000.0)))
         record = RawRecord(detail, detail["TaskDetailNo"])
-        new = convert(record, source=SOURCE)
+        new = convert(record, source=SOURCE, account=ACCOUNT)
         assert isinstance(new, Event)
-        assert_same_conversion(new, events_reference.convert(record, source=SOURCE))
+        assert_same_conversion(new, events_reference.convert(record, source=SOURCE, account=ACCOUNT))
 
 
 _UNCARRIABLE = [float("nan"), float("inf"), -float("inf"), HUGE, -HUGE, decimal.Decimal("1.5"), b"\xff"]
@@ -830,7 +911,7 @@ _HOSTILE = st.recursive(
 @given(record=_records(), field=st.sampled_from([*_FIELD_VALUES, "Extra"]), value=_HOSTILE, problem=st.none() | _TEXT)
 def test_convert_never_raises_and_keeps_every_record(record: RawRecord, field: str, value: Any, problem: Any) -> None:
     raw = dict(record.raw, **{field: value}) if isinstance(record.raw, dict) else value
-    item = convert(RawRecord(raw, record.detail_no, problem=problem or None), source=SOURCE)
+    item = convert(RawRecord(raw, record.detail_no, problem=problem or None), source=SOURCE, account=ACCOUNT)
     assert_amqp_encodable(item.message())
     assert item.properties() == item.message().properties
     if isinstance(item, InvalidRecord):

@@ -57,7 +57,7 @@ def _detail(detail_no: str, **data: Any) -> dict[str, Any]:
 
 def _bridge_event(detail: dict[str, Any]) -> Event:
     """The event the bridge itself builds for ``detail`` (the real contract, not a hand-made copy)."""
-    event = convert(RawRecord(raw=detail, detail_no=detail["TaskDetailNo"]), source="urn:test")
+    event = convert(RawRecord(raw=detail, detail_no=detail["TaskDetailNo"]), source="urn:test", account="default")
     assert isinstance(event, Event), event
     return event
 
