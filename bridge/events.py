@@ -39,8 +39,8 @@ upstream doc spells ``Taskstatuscode`` once): the exact upstream spelling wins, 
 it ignoring ASCII case. Unknown task types and unknown extra fields are valid; ``data`` keeps every field.
 
 An invalid record's body is the record as JSON; what JSON cannot carry is rendered as a string there (``"NaN"``,
-the digits of a long integer), so no record is lost. :func:`convert` never raises. The JSON Schema of the event
-body is built by :mod:`bridge.schema`.
+the digits of a long integer), so no record is lost. :func:`convert` never raises for a record (only for an account
+name outside :data:`ACCOUNT_PATTERN`). The JSON Schema of the event body is built by :mod:`bridge.schema`.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def convert(record: RawRecord, *, source: str, account: str) -> Event | InvalidR
     ``source`` is the CloudEvents ``source`` (``BRIDGE_EVENT_SOURCE``); ``account`` the name of the account the
     record was polled for (``default`` with a single account). Whatever the record holds, it comes back as an
     event or an invalid record; only an ``account`` outside :data:`ACCOUNT_PATTERN` raises ValueError (the
-    settings validate it, so that is a bug in the caller, found before any record is converted).
+    settings validate the name with the same rule, so that is a bug in the caller).
     """
     _check_account(account)
     try:
