@@ -212,6 +212,7 @@ async def test_two_accounts_drain_into_one_exchange_each_event_naming_its_accoun
     by_account: dict[str, set[str]] = {}
     for message in messages:
         by_account.setdefault(str(message.headers["account"]), set()).add(str(message.message_id))
+        assert json.loads(message.body)["account"] == message.headers["account"]  # the CloudEvents attribute too
     assert by_account == {"reseller-eu": set(eu.ack_counts), "reseller-cn": set(cn.ack_counts)}
     for account, count in (("reseller-eu", 300), ("reseller-cn", 200)):
         assert sample(metrics, "bridge_events_published_total", account=account, outcome="ack") == count
