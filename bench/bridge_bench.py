@@ -50,7 +50,7 @@ from _procs import BRIDGE_COMMAND, Child, PhaseError
 from _report import render
 from _steady import steady
 
-from bridge.settings import Settings
+from bridge.settings import default_of
 
 __all__ = ["main"]
 
@@ -199,7 +199,7 @@ async def _phases(broker: BenchBroker, workdir: Path, args: argparse.Namespace, 
         # before newer details show: P / 2L.)
         figures["bound_per_s"] = figures["page_size"] / latency_s
         # The bridge's defaults (the latency run sets neither): each acknowledgement call also waits L.
-        concurrency, batch = (Settings.model_fields[f].default for f in ("ack_concurrency", "ack_batch_size"))
+        concurrency, batch = (default_of(f) for f in ("ack_concurrency", "ack_batch_size"))
         figures.update(
             ack_concurrency=concurrency, ack_batch_size=batch, ack_bound_per_s=concurrency * batch / latency_s
         )

@@ -99,7 +99,8 @@ def event_json_schema() -> dict[str, Any]:
             f"{APP_ID} with content type {EVENT_CONTENT_TYPE}."
         ),
         "type": "object",
-        "required": ["specversion", "id", "source", "type", "datacontenttype", "account", "data"],
+        # `account` is on every event since 1.1.0, yet not required: events published before it stay valid.
+        "required": ["specversion", "id", "source", "type", "datacontenttype", "data"],
         "properties": {
             "specversion": {"const": SPECVERSION},
             "id": {

@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from yarl import URL
 
 from bridge.errors import SettingsError
+from bridge.events import ACCOUNT_PATTERN
 from bridge.signing import Credentials
 
 __all__ = [
@@ -117,7 +118,7 @@ class AccountSettings(_Section):
 
     # It names the leader lock <exchange>.leader.<name>; 40 characters keep that within RabbitMQ's 255 bytes next
     # to the longest exchange name.
-    name: str = Field(default="default", min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
+    name: str = Field(default="default", pattern=ACCOUNT_PATTERN)
     access_key_id: SecretStr | None = None
     access_key_secret: SecretStr | None = None
     security_token: SecretStr | None = None
