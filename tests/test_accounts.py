@@ -334,3 +334,48 @@ async def test_lines_logged_for_an_account_carry_its_name() -> None:
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert sorted(e.get("account") for e in entries if e["message"] == "polled") == ["reseller-cn", "reseller-eu"]
     assert "account" not in next(e for e in entries if e["message"] == "process line")
+
+
+@pytest.mark.broker
+async def test_two_replicas_of_two_accounts_have_one_poller_per_account(
+    two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    settings = bridge_settings(exchange_name, broker_url, accounts=_accounts(eu_url, cn_url), page_size=50)
+    apps = [App(settings, metrics=Metrics()), App(settings, metrics=Metrics())]
+    names = ("reseller-eu", "reseller-cn")
+    stop = asyncio.Event()
+    two_leaders: list[str] = []
+    polled_while_standby: list[str] = []
+    previous = {(i, name): (0.0, 0.0) for i in range(2) for name in names}
+
+    def check() -> None:
+        for name in names:
+            leading = [sample(app.metrics, "bridge_leader", account=name) for app in apps]
+            if sum(leading) > 1:
+                two_leaders.append(name)
+            for i, app in enumerate(apps):
+                polls = sample(app.metrics, "bridge_polls_total", account=name)
+                before_polls, before_leading = previous[i, name]
+                if polls > before_polls and not leading[i] and not before_leading:
+                    polled_while_standby.append(f"{name} on replica {i}")
+                previous[i, name] = (polls, leading[i])
+
+    async with broker_view(broker_url, exchange_name) as view:
+        queue = await view.bind("all")
+        runs = [asyncio.create_task(app.run(stop)) for app in apps]
+        try:
+            while eu.pending_count or cn.pending_count:
+                check()
+                await asyncio.sleep(0.02)
+                assert not any(run.done() for run in runs), "a replica stopped"
+            check()
+        finally:
+            stop.set()
+            results = await asyncio.wait_for(asyncio.gather(*runs), 30)
+        messages = await view.take(queue.name)
+    assert results == [True, True]
+    assert not two_leaders and not polled_while_standby, (two_leaders, polled_while_standby)
+    assert (eu.acknowledged_count, cn.acknowledged_count) == (300, 200)
+    ids = [str(m.message_id) for m in messages]
+    assert len(ids) == len(set(ids)) == 500, "no duplicates: each account had one leader throughout"
