@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from bridge import refusals
 from bridge.errors import BrokerError, BrokerUnavailableError
-from bridge.events import VALIDATION_ERROR_HEADER
+from bridge.events import ACCOUNT_HEADER, VALIDATION_ERROR_HEADER
 from bridge.settings import BrokerSettings
 
 __all__ = ["bind_temporary_queue", "format_json", "format_line", "tail", "temporary_queue_name"]
@@ -64,7 +64,8 @@ def _text(value: Any) -> str:
 
 
 def format_line(message: AbstractIncomingMessage) -> str:
-    """One readable line: time, routing key, domain, status, id (and the error of an invalid record)."""
+    """One readable line: time, routing key, domain, status, id (then the account when it is not ``default``, and
+    the error of an invalid record)."""
     error = (message.headers or {}).get(VALIDATION_ERROR_HEADER)
     body = _json_or_none(message.body)
     event = body if isinstance(body, dict) else {}
@@ -80,6 +81,9 @@ def format_line(message: AbstractIncomingMessage) -> str:
         f"{_text(detail.get('TaskStatus')):<15}",
         _text(message.message_id or event.get("id")),
     ]
+    account = (message.headers or {}).get(ACCOUNT_HEADER)
+    if account not in (None, "default"):  # a bridge of several accounts: say whose
+        columns.append(f"account={_text(account)}")
     if error is not None:
         columns.append(f"  INVALID: {_text(error)}")
     elif body is None:

@@ -379,3 +379,26 @@ async def test_two_replicas_of_two_accounts_have_one_poller_per_account(
     assert (eu.acknowledged_count, cn.acknowledged_count) == (300, 200)
     ids = [str(m.message_id) for m in messages]
     assert len(ids) == len(set(ids)) == 500, "no duplicates: each account had one leader throughout"
+
+
+@pytest.mark.parametrize(("account", "shown"), [("reseller-eu", "account=reseller-eu"), ("default", None)])
+def test_tail_names_the_account_unless_it_is_the_only_default_one(account: str, shown: str | None) -> None:
+    from types import SimpleNamespace
+
+    from bridge.events import convert
+    from bridge.records import RawRecord
+    from bridge.tail import format_line
+
+    detail = {"TaskDetailNo": "T-1", "TaskType": "CHG_DNS", "TaskStatus": "EXECUTE_SUCCESS", "DomainName": "a.com"}
+    event = convert(RawRecord(detail, "T-1"), source="urn:test", account=account)
+    properties = event.properties()
+    message = SimpleNamespace(
+        headers=properties.headers,
+        body=event.body,
+        routing_key=event.routing_key,
+        message_id=event.message_id,
+        timestamp=None,
+    )
+    line = format_line(message)  # type: ignore[arg-type]
+    assert "T-1" in line
+    assert (shown in line) if shown else ("account=" not in line)
