@@ -6,10 +6,12 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
+
+from tests.private_broker import PrivateNode, private_node
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -31,6 +33,19 @@ def broker_url() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def shared_node() -> Iterator[PrivateNode]:
+    """One plain private RabbitMQ node for the whole session, started when a test first needs it.
+
+    Booting a node costs several seconds, so the modules whose tests can share one use this node: each test
+    uses its own exchange (and users, where it needs some), and puts back what it changes (an alarm, a stopped
+    application, permissions). Tests that need a node configured otherwise (TLS, plugins, a cluster) start
+    their own.
+    """
+    with private_node() as node:
+        yield node
 
 
 @pytest.fixture

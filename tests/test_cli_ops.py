@@ -33,7 +33,7 @@ from bridge.simulator import Faults, Simulator, running
 from bridge.topology import declare
 from bridge.upstream import RawRecord
 from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view, eventually
-from tests.private_broker import PrivateNode, private_node
+from tests.private_broker import PrivateNode
 from tests.test_cli_tools import report, run_cli, tail_env
 
 broker = pytest.mark.broker
@@ -52,15 +52,18 @@ async def view(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[PrivateNode]:
-    """A private RabbitMQ node with a user of full rights on '/' and two users who lack them."""
-    with private_node() as started:
-        started.ctl("add_user", "bridge", AMQP_PASSWORD)
-        started.ctl("set_permissions", "-p", "/", "bridge", ".*", ".*", ".*")
-        for user, password in (NOBODY, READER):
-            started.ctl("add_user", user, password)
-        started.ctl("set_permissions", "-p", "/", READER[0], "^$", "^$", ".*")
-        yield started
+def node(shared_node: PrivateNode) -> PrivateNode:
+    """The session's private node, with a user of full rights on '/' and two users who lack them.
+
+    No other test uses these names; they stay until the session's node is thrown away (each ``rabbitmqctl``
+    call costs an Erlang VM boot, so they are not deleted one by one).
+    """
+    shared_node.ctl("add_user", "bridge", AMQP_PASSWORD)
+    shared_node.ctl("set_permissions", "-p", "/", "bridge", ".*", ".*", ".*")
+    for user, password in (NOBODY, READER):
+        shared_node.ctl("add_user", user, password)
+    shared_node.ctl("set_permissions", "-p", "/", READER[0], "^$", "^$", ".*")
+    return shared_node
 
 
 def node_url(node: PrivateNode, user: str, password: str, vhost: str = "") -> str:

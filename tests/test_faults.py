@@ -47,7 +47,7 @@ from tests.faults_support import (
     start_bridge,
 )
 from tests.harness import bridge_env, bridge_settings, eventually, sample
-from tests.private_broker import private_cluster, private_node
+from tests.private_broker import PrivateNode, private_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -124,23 +124,24 @@ def log_tail(path: Path) -> str:
 # --- the broker and the network ------------------------------------------------------------------------------
 
 
-async def test_broker_restarted_mid_drain(exchange_name: str, fault_table: FaultTable) -> None:
-    # On a private node: the machine's broker is shared and never stopped.
+async def test_broker_restarted_mid_drain(
+    shared_node: PrivateNode, exchange_name: str, fault_table: FaultTable
+) -> None:
+    # On the session's private node: the machine's broker is shared and never stopped.
     details = 5000
     sim = Simulator(tasks=details, seed=101)
     metrics = Metrics()
-    with private_node() as node:
-        async with scenario_queues(node.url, exchange_name) as queues:
-            started = time.monotonic()
-            async with draining(settings_for(queues), sim, metrics) as drain:
-                await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
-                async with node_app_stopped(node):
-                    pending_when_down = sim.pending_count
-                    await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
-                    await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
-                complete = await drain.finished()
-            seconds = time.monotonic() - started
-            result = await queues.tally(sim, details)
+    async with scenario_queues(shared_node.url, exchange_name) as queues:
+        started = time.monotonic()
+        async with draining(settings_for(queues), sim, metrics) as drain:
+            await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
+            async with node_app_stopped(shared_node):
+                pending_when_down = sim.pending_count
+                await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
+                await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
+            complete = await drain.finished()
+        seconds = time.monotonic() - started
+        result = await queues.tally(sim, details)
     # Publishes on the wire when the connection dropped may be stored without a confirm, and are published
     # again after the reconnect: at most the in-flight window.
     fault_table.add("broker restarted mid-drain (stop_app, start_app)", result, seconds, WINDOW)
