@@ -39,6 +39,7 @@ from tests.harness import (
     upstream_client,
 )
 from tests.private_broker import PrivateNode, free_port
+from tests.shared_node import USERS
 
 pytestmark = pytest.mark.broker
 
@@ -222,18 +223,16 @@ def test_default_heartbeat_notices_a_dead_link_within_30_seconds() -> None:
 @pytest.fixture(scope="module")
 def users(node: PrivateNode) -> Iterator[dict[str, str]]:
     """URLs of the node for: a wrong password, an unknown vhost, a user without access, one without rights."""
-    node.ctl("add_user", "tb_noaccess", "pw-noaccess")
-    node.ctl("add_user", "tb_readonly", "pw-readonly")
-    node.ctl("set_permissions", "-p", "/", "tb_readonly", "^$", "^$", ".*")
+    # tb_noaccess (no access to '/') and tb_readonly (may only read) are created as the node boots.
+    noaccess = f"tb_noaccess:{USERS['tb_noaccess'][0]}@127.0.0.1:{node.port}"
+    readonly = f"tb_readonly:{USERS['tb_readonly'][0]}@127.0.0.1:{node.port}"
     base = f"127.0.0.1:{node.port}"
     yield {
         "wrong password": (f"amqp://guest:not-the-password@{base}/", "ACCESS_REFUSED"),
         "unknown vhost": (f"amqp://guest:guest@{base}/no-such-vhost", "NOT_ALLOWED"),
-        "no access to the vhost": (f"amqp://tb_noaccess:pw-noaccess@{base}/", "NOT_ALLOWED"),
-        "no configure permission": (f"amqp://tb_readonly:pw-readonly@{base}/", "ACCESS_REFUSED"),
+        "no access to the vhost": (f"amqp://{noaccess}/", "NOT_ALLOWED"),
+        "no configure permission": (f"amqp://{readonly}/", "ACCESS_REFUSED"),
     }  # type: ignore[misc]
-    for user in ("tb_noaccess", "tb_readonly"):
-        node.ctl("delete_user", user)
 
 
 @pytest.mark.parametrize(

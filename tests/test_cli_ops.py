@@ -34,15 +34,16 @@ from bridge.topology import declare
 from bridge.upstream import RawRecord
 from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view, eventually
 from tests.private_broker import PrivateNode
+from tests.shared_node import USERS
 from tests.test_cli_tools import report, run_cli, tail_env
 
 broker = pytest.mark.broker
 
 _TIMEOUT_S = 60
 TOKEN = "sts-token-Qz81vY"
-AMQP_PASSWORD = "amqp-pw-Xr42kT"
-NOBODY = ("nobody", "nobody-pw-5150")  # may log in, has no permission on any virtual host
-READER = ("reader", "reader-pw-6160")  # may read '/', may not configure or write anything
+AMQP_PASSWORD = USERS["bridge"][0]
+NOBODY = ("nobody", USERS["nobody"][0])  # may log in, has no permission on any virtual host
+READER = ("reader", USERS["reader"][0])  # may read '/', may not configure or write anything
 
 
 @pytest.fixture
@@ -53,16 +54,10 @@ async def view(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
 
 @pytest.fixture(scope="module")
 def node(shared_node: PrivateNode) -> PrivateNode:
-    """The session's private node, with a user of full rights on '/' and two users who lack them.
+    """The session's private node, with a user of full rights on '/' and two users who lack them (NOBODY, READER).
 
-    No other test uses these names; they stay until the session's node is thrown away (each ``rabbitmqctl``
-    call costs an Erlang VM boot, so they are not deleted one by one).
+    ``tests/shared_node.py`` creates these users as the node boots.
     """
-    shared_node.ctl("add_user", "bridge", AMQP_PASSWORD)
-    shared_node.ctl("set_permissions", "-p", "/", "bridge", ".*", ".*", ".*")
-    for user, password in (NOBODY, READER):
-        shared_node.ctl("add_user", user, password)
-    shared_node.ctl("set_permissions", "-p", "/", READER[0], "^$", "^$", ".*")
     return shared_node
 
 
