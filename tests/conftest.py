@@ -7,9 +7,13 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import aio_pika
 import pytest
+
+from tests.private_broker import PrivateNode
+from tests.shared_node import boot_shared_node
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -31,6 +35,47 @@ def broker_url() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return AMQP_URL
+
+
+_SHARED_NODE = pytest.StashKey[Future[PrivateNode]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Boot the session's shared node in the background once the collected tests are known to need it.
+
+    It boots (several seconds) while the tests before the first one that uses it run.
+    """
+    if session.config.option.collectonly:
+        return
+    if any("shared_node" in getattr(item, "fixturenames", ()) for item in session.items):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="shared-node")
+        session.config.stash[_SHARED_NODE] = pool.submit(boot_shared_node)
+        pool.shutdown(wait=False)  # the boot goes on; the fixture waits for its result
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the shared node (booted or booting) at the end of the session, whether or not a test used it."""
+    booting = session.config.stash.get(_SHARED_NODE, None)
+    if booting is not None:
+        with contextlib.suppress(BaseException):
+            booting.result().stop()
+
+
+@pytest.fixture(scope="session")
+def shared_node(pytestconfig: pytest.Config) -> PrivateNode:
+    """One plain private RabbitMQ node for the whole session (booted in the background, stopped at the end).
+
+    Booting a node costs several seconds, so the modules whose tests can share one use this node: each test
+    uses its own exchange (and users, where it needs some: ``tests/shared_node.py`` creates them at boot), and
+    puts back what it changes (an alarm, a stopped application, permissions). Tests that need a node configured
+    otherwise (TLS, plugins, a cluster) start their own. A failed boot fails (or, without RabbitMQ outside CI,
+    skips) each test that asks for the node.
+    """
+    booting = pytestconfig.stash.get(_SHARED_NODE, None)
+    if booting is None:  # not collected as needed (a plugin asked for it late): boot it now
+        with ThreadPoolExecutor(1) as pool:
+            booting = pytestconfig.stash[_SHARED_NODE] = pool.submit(boot_shared_node)
+    return booting.result()
 
 
 @pytest.fixture

@@ -3,7 +3,11 @@
 The machine's broker on 127.0.0.1:5672 is shared with other programs, so no test restarts, stops or alarms it.
 A test that needs to do so starts a node of its own here: its own node name, AMQP port, distribution port,
 data and log directories and config file, driven with ``rabbitmqctl -n NODE ...``, and stopped when the test
-is done. Starting one takes a few seconds, so fixtures share a node per module where the tests allow it.
+is done. Starting one takes a few seconds (several on a loaded machine), so the tests that can share a plain node
+share one per session (``shared_node`` in conftest.py); the others start theirs per module.
+
+Each ``rabbitmqctl`` call boots an Erlang VM of its own (1-2 s here), so the node's own log says when it has
+started ("Server startup complete"), and a stop signals the node's process rather than running ``rabbitmqctl stop``.
 
 Under ``CI=true`` a missing RabbitMQ installation fails the test; elsewhere it skips.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -30,6 +35,8 @@ __all__ = ["PrivateNode", "free_port", "private_cluster", "private_node", "requi
 # RabbitMQ's CLI tools take distribution ports from 35672-35682; 25672 is the machine broker's distribution port.
 _RESERVED = set(range(35672, 35683)) | {4369, 5672, 15672, 25672}
 _START_TIMEOUT_S = 90
+_STARTED = "Server startup complete"  # the node's log line once the broker has booted (and its listeners are up)
+_STOP_GRACE_S = 10.0
 
 
 def require_rabbitmq_server() -> None:
@@ -94,7 +101,7 @@ class PrivateNode:
         return path
 
     def start(self) -> None:
-        """Start the node and wait until it accepts AMQP connections."""
+        """Start the node and wait until it has booted and accepts AMQP connections."""
         require_rabbitmq_server()
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -104,10 +111,41 @@ class PrivateNode:
             self.write_file("enabled_plugins", "[].\n")
         _give_to_broker(self.base)
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True, capture_output=True)
-        # `wait PIDFILE` waits for the node to register and then for the broker to start.
-        pid_file = str(self.base / "node.pid")
-        self.ctl("wait", pid_file, "--timeout", str(_START_TIMEOUT_S), timeout_s=_START_TIMEOUT_S + 10)
-        self.wait_for_port()
+        self.wait_for_startup(1)
+
+    def startups(self) -> int:
+        """How many times the node's log says the broker finished starting (a ``start_app`` adds one)."""
+        try:
+            return self.log_file.read_text(encoding="utf-8", errors="replace").count(_STARTED)
+        except FileNotFoundError:
+            return 0
+
+    def wait_for_startup(self, count: int, timeout_s: float = _START_TIMEOUT_S) -> None:
+        """Wait until the log says the broker started ``count`` times and the AMQP port answers.
+
+        Fails at once, with the end of the log, when the node's process has exited.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.startups() < count:
+            pid = self.pid()
+            if pid is not None and not _running(pid):
+                raise RuntimeError(f"{self.name} exited while starting: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start within {timeout_s:g}s: {self._log_tail()}")
+            time.sleep(0.05)
+        self.wait_for_port(max(1.0, deadline - time.monotonic()))
+
+    def pid(self) -> int | None:
+        """The operating system process of the node (from its pid file), or None before it wrote one."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int((self.base / "node.pid").read_text().strip())
+        return None
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(encoding="utf-8", errors="replace")[-800:]
+        except FileNotFoundError:
+            return f"(no log at {self.log_file})"
 
     def wait_for_port(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -119,7 +157,7 @@ class PrivateNode:
                 if time.monotonic() > deadline:
                     message = f"{self.name} does not answer on port {self.port}; see {self.log_file}"
                     raise RuntimeError(message) from None
-                time.sleep(0.1)
+                time.sleep(0.05)
 
     def ctl(self, *args: str, timeout_s: float = 60.0) -> str:
         """``rabbitmqctl -n NODE args...``; its standard output, or RuntimeError naming what failed."""
@@ -135,15 +173,49 @@ class PrivateNode:
         self.ctl("stop_app")
 
     def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup", "--timeout", str(_START_TIMEOUT_S), timeout_s=_START_TIMEOUT_S + 10)
-        self.wait_for_port()
+        # start_app returns once the broker has booted; the log and the port say so without another CLI call.
+        started = self.startups()
+        self.ctl("start_app", timeout_s=_START_TIMEOUT_S + 10)
+        self.wait_for_startup(started + 1)
 
     def stop(self) -> None:
-        """Stop the node (if running) and remove its files."""
-        with contextlib.suppress(Exception):
-            self.ctl("stop", timeout_s=60)
+        """Stop the node (if running) and remove its files.
+
+        The node is thrown away, so its process is signalled (SIGTERM, then SIGKILL after a grace period) rather
+        than stopped with ``rabbitmqctl stop``; the pid comes from the node's own pid file and is checked to be
+        this node's Erlang VM (its ``RABBITMQ_NODENAME``), so no other broker is ever touched.
+        """
+        pid = self.pid()
+        if pid is not None and _node_name(pid) == self.name:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + _STOP_GRACE_S
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if _running(pid):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _node_name(pid: int) -> str | None:
+    """The ``RABBITMQ_NODENAME`` that process ``pid`` was started with (None when unreadable or unset)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"RABBITMQ_NODENAME="):
+            return entry.partition(b"=")[2].decode(errors="replace")
+    return None
 
 
 def _give_to_broker(path: Path) -> None:

@@ -1,7 +1,8 @@
 """The broker's edge, on private RabbitMQ nodes: resource alarms, refusals, a dead link, TLS.
 
-Each test that alarms a broker, changes its users or gives it a TLS listener runs on a node of its own
-(:mod:`tests.private_broker`), never on the machine's broker.
+Each test that alarms a broker, changes its users or gives it a TLS listener runs on a private node
+(:mod:`tests.private_broker`: the session's shared node, or a TLS node of this module's own), never on the
+machine's broker.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from tests.harness import (
     sample,
     upstream_client,
 )
-from tests.private_broker import PrivateNode, free_port, private_node
+from tests.private_broker import PrivateNode, free_port
+from tests.shared_node import USERS
 
 pytestmark = pytest.mark.broker
 
@@ -46,10 +48,9 @@ WINDOW = 128
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[PrivateNode]:
-    """One private node for the module's alarm and refusal tests (each puts back what it changed)."""
-    with private_node() as started:
-        yield started
+def node(shared_node: PrivateNode) -> PrivateNode:
+    """The session's private node, for the module's alarm and refusal tests (each puts back what it changed)."""
+    return shared_node
 
 
 @pytest.fixture
@@ -85,6 +86,11 @@ def warnings_naming(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 # --- resource alarms -----------------------------------------------------------------------------------------
 
+# The publish timeout of the alarm tests. The block lasts four of them: a timer not suspended by the block fires.
+# Not shorter: at 2 s a loaded machine (load 8 on 2 cores) let a confirm time out just before the broker's
+# Connection.Blocked arrived; the bridge then left that connection, and the test saw no block on the next one.
+BLOCK_TIMEOUT_S = 4.0
+
 ALARMS = {
     # alarm: (raise it, put it back, the broker's reason in Connection.Blocked)
     "memory": (
@@ -110,7 +116,7 @@ async def test_resource_alarm_mid_drain_pauses_publishing_on_one_connection(
     metrics = Metrics()
     # A publish timeout far shorter than the alarm: a bridge that took the block for a stalled link would give
     # the connection up (and open another) several times over.
-    settings = settings_for(queues.exchange, node.url, publish_timeout_s=4.0)
+    settings = settings_for(queues.exchange, node.url, publish_timeout_s=BLOCK_TIMEOUT_S)
     caplog.set_level(logging.INFO)
     async with draining(settings, sim, metrics) as drain:
         await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
@@ -122,7 +128,7 @@ async def test_resource_alarm_mid_drain_pauses_publishing_on_one_connection(
             pending_when_blocked = sim.pending_count
             # A timeout before the block (a machine too loaded to confirm in time) is not what this test is about.
             timeouts_before = publishes(metrics, "timeout")
-            await asyncio.sleep(16)  # four publish timeouts
+            await asyncio.sleep(4 * BLOCK_TIMEOUT_S)  # four publish timeouts
             answer = await readyz(drain.app.metrics_port)
             blocked_connections = connections(node)
             gauge = sample(metrics, "bridge_broker_blocked")
@@ -217,18 +223,16 @@ def test_default_heartbeat_notices_a_dead_link_within_30_seconds() -> None:
 @pytest.fixture(scope="module")
 def users(node: PrivateNode) -> Iterator[dict[str, str]]:
     """URLs of the node for: a wrong password, an unknown vhost, a user without access, one without rights."""
-    node.ctl("add_user", "tb_noaccess", "pw-noaccess")
-    node.ctl("add_user", "tb_readonly", "pw-readonly")
-    node.ctl("set_permissions", "-p", "/", "tb_readonly", "^$", "^$", ".*")
+    # tb_noaccess (no access to '/') and tb_readonly (may only read) are created as the node boots.
+    noaccess = f"tb_noaccess:{USERS['tb_noaccess'][0]}@127.0.0.1:{node.port}"
+    readonly = f"tb_readonly:{USERS['tb_readonly'][0]}@127.0.0.1:{node.port}"
     base = f"127.0.0.1:{node.port}"
     yield {
         "wrong password": (f"amqp://guest:not-the-password@{base}/", "ACCESS_REFUSED"),
         "unknown vhost": (f"amqp://guest:guest@{base}/no-such-vhost", "NOT_ALLOWED"),
-        "no access to the vhost": (f"amqp://tb_noaccess:pw-noaccess@{base}/", "NOT_ALLOWED"),
-        "no configure permission": (f"amqp://tb_readonly:pw-readonly@{base}/", "ACCESS_REFUSED"),
+        "no access to the vhost": (f"amqp://{noaccess}/", "NOT_ALLOWED"),
+        "no configure permission": (f"amqp://{readonly}/", "ACCESS_REFUSED"),
     }  # type: ignore[misc]
-    for user in ("tb_noaccess", "tb_readonly"):
-        node.ctl("delete_user", user)
 
 
 @pytest.mark.parametrize(

@@ -33,16 +33,17 @@ from bridge.simulator import Faults, Simulator, running
 from bridge.topology import declare
 from bridge.upstream import RawRecord
 from tests.harness import BRIDGE_COMMAND, Broker, bridge_env, bridge_settings, broker_view, eventually
-from tests.private_broker import PrivateNode, private_node
+from tests.private_broker import PrivateNode
+from tests.shared_node import USERS
 from tests.test_cli_tools import report, run_cli, tail_env
 
 broker = pytest.mark.broker
 
 _TIMEOUT_S = 60
 TOKEN = "sts-token-Qz81vY"
-AMQP_PASSWORD = "amqp-pw-Xr42kT"
-NOBODY = ("nobody", "nobody-pw-5150")  # may log in, has no permission on any virtual host
-READER = ("reader", "reader-pw-6160")  # may read '/', may not configure or write anything
+AMQP_PASSWORD = USERS["bridge"][0]
+NOBODY = ("nobody", USERS["nobody"][0])  # may log in, has no permission on any virtual host
+READER = ("reader", USERS["reader"][0])  # may read '/', may not configure or write anything
 
 
 @pytest.fixture
@@ -52,15 +53,12 @@ async def view(broker_url: str, exchange_name: str) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[PrivateNode]:
-    """A private RabbitMQ node with a user of full rights on '/' and two users who lack them."""
-    with private_node() as started:
-        started.ctl("add_user", "bridge", AMQP_PASSWORD)
-        started.ctl("set_permissions", "-p", "/", "bridge", ".*", ".*", ".*")
-        for user, password in (NOBODY, READER):
-            started.ctl("add_user", user, password)
-        started.ctl("set_permissions", "-p", "/", READER[0], "^$", "^$", ".*")
-        yield started
+def node(shared_node: PrivateNode) -> PrivateNode:
+    """The session's private node, with a user of full rights on '/' and two users who lack them (NOBODY, READER).
+
+    ``tests/shared_node.py`` creates these users as the node boots.
+    """
+    return shared_node
 
 
 def node_url(node: PrivateNode, user: str, password: str, vhost: str = "") -> str:

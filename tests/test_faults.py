@@ -47,7 +47,7 @@ from tests.faults_support import (
     start_bridge,
 )
 from tests.harness import bridge_env, bridge_settings, eventually, sample
-from tests.private_broker import private_cluster, private_node
+from tests.private_broker import PrivateNode, private_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker]
 
@@ -124,23 +124,24 @@ def log_tail(path: Path) -> str:
 # --- the broker and the network ------------------------------------------------------------------------------
 
 
-async def test_broker_restarted_mid_drain(exchange_name: str, fault_table: FaultTable) -> None:
-    # On a private node: the machine's broker is shared and never stopped.
+async def test_broker_restarted_mid_drain(
+    shared_node: PrivateNode, exchange_name: str, fault_table: FaultTable
+) -> None:
+    # On the session's private node: the machine's broker is shared and never stopped.
     details = 5000
     sim = Simulator(tasks=details, seed=101)
     metrics = Metrics()
-    with private_node() as node:
-        async with scenario_queues(node.url, exchange_name) as queues:
-            started = time.monotonic()
-            async with draining(settings_for(queues), sim, metrics) as drain:
-                await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
-                async with node_app_stopped(node):
-                    pending_when_down = sim.pending_count
-                    await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
-                    await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
-                complete = await drain.finished()
-            seconds = time.monotonic() - started
-            result = await queues.tally(sim, details)
+    async with scenario_queues(shared_node.url, exchange_name) as queues:
+        started = time.monotonic()
+        async with draining(settings_for(queues), sim, metrics) as drain:
+            await eventually(lambda: sim.acknowledged_count >= details // 5, what="drain under way")
+            async with node_app_stopped(shared_node):
+                pending_when_down = sim.pending_count
+                await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
+                await asyncio.sleep(1.0)  # the bridge retries with backoff against a closed port meanwhile
+            complete = await drain.finished()
+        seconds = time.monotonic() - started
+        result = await queues.tally(sim, details)
     # Publishes on the wire when the connection dropped may be stored without a confirm, and are published
     # again after the reconnect: at most the in-flight window.
     fault_table.add("broker restarted mid-drain (stop_app, start_app)", result, seconds, WINDOW)
@@ -182,7 +183,14 @@ async def test_cluster_node_stopped_mid_drain(
                     raise AssertionError(f"the drain did not finish: {exc!r}; {trail(metrics, caplog)}") from exc
             seconds = time.monotonic() - started
             result = await queues.tally(sim, details)
-    # As for a restart: publishes on the wire when the node went may be stored without a confirm.
+    # As for a restart: publishes on the wire when the node went may be stored without a confirm. The bound
+    # assumes one lost connection. The stopped node led the quorum queue (declared through it), so the publishes
+    # on the next node wait for the queue's new leader; should that take longer than the publish timeout, the
+    # bridge gives that connection up too, and a second window may be stored without its confirm (up to 2 *
+    # WINDOW duplicates, legitimately). So may what the deposed leader confirmed and did not acknowledge within
+    # DEPOSED_ACK_S: its term's state is dropped and the next term publishes it again. Neither seen so far (116 at
+    # most, docs/faults.md): should this bound fail, look for confirm timeouts after the reconnect
+    # (bridge_events_published_total{outcome="timeout"}) and the deposed leader's log line first.
     fault_table.add("cluster node the bridge uses stopped mid-drain (3 nodes, quorum queues)", result, seconds, WINDOW)
     assert pending_when_stopped > 0, "the node should stop mid-drain"
     assert first == nodes[0].url.replace(":guest@", ":***@"), "the first URL of the list is tried first"
@@ -247,6 +255,8 @@ async def test_connection_stalled_mid_drain(queues: ScenarioQueues, broker_url: 
     # Publishes that timed out reach the queue once the held bytes flow again, and their details are published
     # again. A bridge that stops publishing into a connection once a confirm timed out (and reconnects) leaves
     # at most the window on the wire at that moment; one that goes on adds up to a window per timeout round.
+    # The window is full when the link stalls and the proxy forwards every held byte on resume, so this bound
+    # is often reached exactly (128 of 128 in docs/faults.md): the expected worst case, not a second window.
     fault_table.add("connection stalled 3 s mid-drain (publish timeout 1 s)", result, seconds, WINDOW)
     assert pending_at_stall > 0, "the stall should land mid-drain"
     assert complete

@@ -1,8 +1,9 @@
 """The election of one active poller per account, against a real broker: exclusivity, takeover bounds, metrics.
 
 Each contender has a connection of its own, as separate processes would. The takeover times measured here are
-printed (``-s``) and quoted in docs/leadership.md. The module runs on a private RabbitMQ node: the takeover
-bounds are timings, and the machine's shared broker is restarted now and then by the fault-injection suite.
+printed (``-s``) and quoted in docs/leadership.md. The module runs on a private RabbitMQ node (the session's
+``shared_node``): the takeover bounds are timings, and one test restarts the broker, which the machine's shared
+broker never is.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from bridge.errors import BrokerUnavailableError
 from bridge.leadership import Leadership, LeadershipMetrics, Lease, Role, lock_name
 from tests.faults_support import TcpProxy, amqp_port
-from tests.private_broker import PrivateNode, private_node
+from tests.private_broker import PrivateNode
 
 pytestmark = pytest.mark.broker
 
@@ -99,9 +100,9 @@ async def contenders(
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[PrivateNode]:
-    with private_node() as started:
-        yield started
+def node(shared_node: PrivateNode) -> PrivateNode:
+    """The session's private node: a test here restarts it, which the machine's broker never is."""
+    return shared_node
 
 
 @pytest.fixture
