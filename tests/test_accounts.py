@@ -311,6 +311,43 @@ async def test_run_and_check_read_the_config_file(
     assert code == EXIT_USAGE and "ALIBABA_CLOUD_ACCESS_KEY_ID: set, but the config file lists" in output
 
 
+@pytest.mark.broker
+async def test_a_process_with_a_wrong_secret_for_one_account_drains_the_other_and_names_it(
+    two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    config = _write(
+        tmp_path / "bridge.toml",
+        f'[[accounts]]\nname = "reseller-eu"\nendpoint = "{eu_url}"\naccess_key_id = "{EU["access_key_id"]}"\n'
+        f'access_key_secret = "{EU["access_key_secret"]}"\n\n'
+        f'[[accounts]]\nname = "reseller-cn"\nendpoint = "{cn_url}"\naccess_key_id = "{CN["access_key_id"]}"\n'
+        'access_key_secret = "wrong-secret-Z9"\n',
+    )
+    env = bridge_env(bridge_settings(exchange_name, broker_url))
+    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "BRIDGE_UPSTREAM_ENDPOINT"):
+        env.pop(name)
+    env["BRIDGE_LOG_FORMAT"] = "json"
+    process = await asyncio.create_subprocess_exec(
+        *BRIDGE_COMMAND, "check", "--config", str(config), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    report = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode == 1, report
+    assert "OK    upstream reseller-eu" in report
+    assert "FAIL  upstream reseller-cn" in report and "access_key_secret of account 'reseller-cn'" in report
+    process = await asyncio.create_subprocess_exec(
+        *BRIDGE_COMMAND, "run", "--once", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    output = (await asyncio.wait_for(process.communicate(), 60))[1].decode()
+    assert process.returncode == 1, output
+    assert eu.acknowledged_count == 300 and eu.pending_count == 0, "the good account drained completely"
+    assert cn.acknowledged_count == 0 and cn.pending_count == 200
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    last = entries[-1]
+    assert last["message"].startswith("task-bridge exiting: failed: account reseller-cn: PollTaskResult failed")
+    assert any(e.get("account") == "reseller-cn" and e["level"] == "error" for e in entries[:-1])
+    assert "wrong-secret-Z9" not in output and EU["access_key_secret"] not in output
+
+
 async def test_lines_logged_for_an_account_carry_its_name() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
