@@ -50,7 +50,8 @@ def config_rows(settings: Settings, origins: dict[str, str]) -> list[ConfigRow]:
     for account, values in zip(settings.accounts, listed or (), strict=False):
         for field, value in values.items():
             note = _note(account, field) if value is None else None
-            rows.append(ConfigRow(f"accounts.{account.name}.{field}", value, "config file", note))
+            variable = f"accounts.{account.name}.{field}"
+            rows.append(ConfigRow(variable, value, origins.get(variable, "config file"), note))
     return rows
 
 

@@ -783,7 +783,9 @@ def origins(config_file: str | Path | None = None) -> dict[str, str]:
     """Where each setting's value comes from, by flat name, in the order of the settings table.
 
     ``environment``, ``file <path> (<VAR>_FILE)`` for a secret read from a file, ``.env file``,
-    ``config file <path>`` or ``default``. Call it after :func:`load_settings` succeeded.
+    ``config file <path>`` or ``default``; with ``[[accounts]]``, ``accounts.<name>.<key>`` entries too (a key the
+    account's table sets, else where the setting's default for every account comes from). Call it after
+    :func:`load_settings` succeeded.
     """
     path = _config_path(config_file)
     config = _read_config_file(path) if path else None
@@ -800,7 +802,17 @@ def origins(config_file: str | Path | None = None) -> dict[str, str]:
     for layer in layers:
         for flat, origin in layer.items():
             found.setdefault(flat, origin)
-    return {flat: found.get(flat, "default") for flat in _BY_FLAT}
+    result = {flat: found.get(flat, "default") for flat in _BY_FLAT}
+    for entry in config.accounts if config is not None and config.accounts is not None else ():
+        for field in AccountSettings.model_fields:
+            if f"{field}_file" in entry:
+                origin = f"file {entry[f'{field}_file']} ({field}_file, config file {path})"
+            elif field in entry:
+                origin = f"config file {path}"
+            else:
+                origin = result[_BY_PLACE["account", field].flat]
+            result[f"accounts.{entry.get('name')}.{field}"] = origin
+    return result
 
 
 def load_settings(config_file: str | Path | None = None, *, credentials: bool = False, **overrides: Any) -> Settings:

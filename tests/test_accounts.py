@@ -169,6 +169,10 @@ def test_config_lists_each_account_and_masks_its_secrets(clean_env: Path) -> Non
     assert rows["accounts.reseller-cn.api"].value == "domain"
     assert rows["accounts.reseller-eu.access_key_secret"].value == "***"
     assert rows["BRIDGE_EXCHANGE"].origin.startswith("config file")
+    assert rows["accounts.reseller-cn.api"].origin == f"config file {clean_env / 'bridge.toml'}"
+    assert rows["accounts.reseller-eu.access_key_secret"].origin.startswith(f"file {clean_env / 'eu.secret'}")
+    assert rows["accounts.reseller-eu.endpoint"].origin.startswith("config file"), "the top-level default"
+    assert rows["accounts.reseller-eu.lang"].origin == "default"
     shown = repr(settings) + str(settings.masked()) + str([row.value for row in rows.values()])
     assert "eu-secret-Q7x" not in shown and "cn-secret-W2v" not in shown
     assert settings.scrub("x eu-secret-Q7x cn-secret-W2v") == "x *** ***"
