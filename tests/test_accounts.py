@@ -443,3 +443,36 @@ def test_tail_names_the_account_unless_it_is_the_only_default_one(account: str, 
     line = format_line(message)  # type: ignore[arg-type]
     assert "T-1" in line
     assert (shown in line) if shown else ("account=" not in line)
+
+
+async def test_peek_polls_the_account_it_is_asked_for(
+    two_simulators: tuple[Simulator, str, Simulator, str], tmp_path: Path
+) -> None:
+    eu, eu_url, cn, cn_url = two_simulators
+    lines = ['upstream_endpoint = "http://unused.test"']
+    for account, url in (({"name": "reseller-eu", **EU}), eu_url), (({"name": "reseller-cn", **CN}), cn_url):
+        lines += ["[[accounts]]", f'endpoint = "{url}"', *(f'{key} = "{value}"' for key, value in account.items())]
+    config = _write(tmp_path / "bridge.toml", "\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "ALIBABA_CLOUD_"))}
+
+    async def peek(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            *BRIDGE_COMMAND, "peek", "--config", str(config), "--json", "--count", "3", *args,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, err = await peek("--account", "reseller-cn")
+    assert code == EXIT_OK, err
+    previews = [json.loads(line) for line in out.splitlines()]
+    assert len(previews) == 3
+    assert {p["properties"]["headers"]["account"] for p in previews} == {"reseller-cn"}
+    assert all(cn.detail(p["body"]["id"]) is not None for p in previews), "the details of that account's upstream"
+    assert all(eu.detail(p["body"]["id"]) is None for p in previews)
+    code, out, err = await peek()
+    assert code == EXIT_OK and {json.loads(line)["body"]["account"] for line in out.splitlines()} == {"reseller-eu"}
+    code, _out, err = await peek("--account", "nope")
+    assert code == 1 and "no account 'nope'" in err
+    assert eu.acknowledged_count == cn.acknowledged_count == 0, "peek acknowledges nothing"
