@@ -27,7 +27,9 @@ from bridge.logs import JsonFormatter, for_account
 from bridge.metrics import Metrics
 from bridge.settings import load_settings, origins
 from bridge.simulator import Simulator, running
+from tests.faults_support import node_app_stopped, scenario_queues
 from tests.harness import BRIDGE_COMMAND, bridge_env, bridge_settings, broker_view, eventually, sample
+from tests.private_broker import PrivateNode
 
 EU = {"access_key_id": "eu-key-id", "access_key_secret": "eu-secret-Q7x"}
 CN = {"access_key_id": "cn-key-id", "access_key_secret": "cn-secret-W2v"}
@@ -476,3 +478,35 @@ async def test_peek_polls_the_account_it_is_asked_for(
     code, _out, err = await peek("--account", "nope")
     assert code == 1 and "no account 'nope'" in err
     assert eu.acknowledged_count == cn.acknowledged_count == 0, "peek acknowledges nothing"
+
+
+@pytest.mark.broker
+async def test_a_broker_restart_mid_drain_loses_nothing_of_either_account(
+    two_simulators: tuple[Simulator, str, Simulator, str], shared_node: PrivateNode, exchange_name: str
+) -> None:
+    # On the session's private node: the machine's broker is shared and never stopped.
+    eu, eu_url, cn, cn_url = two_simulators
+    eu.add_details(2700)
+    cn.add_details(1800)  # 3000 and 2000 pending
+    window = 128
+    metrics = Metrics()
+    async with scenario_queues(shared_node.url, exchange_name) as queues:
+        settings = bridge_settings(
+            exchange_name, shared_node.url, accounts=_accounts(eu_url, cn_url), page_size=250, max_in_flight=window
+        )
+        run = asyncio.create_task(App(settings, metrics=metrics).run(asyncio.Event(), once=True))
+        try:
+            await eventually(lambda: eu.acknowledged_count >= 500 and cn.acknowledged_count >= 300, what="under way")
+            async with node_app_stopped(shared_node):
+                await eventually(lambda: sample(metrics, "bridge_broker_connected") == 0, what="connection lost")
+                await asyncio.sleep(1.0)
+            complete = await asyncio.wait_for(run, 90)
+        finally:
+            run.cancel()
+        ids = await queues.take(queues.events)
+    assert complete
+    assert eu.pending_count == cn.pending_count == 0
+    assert set(ids) == set(eu.ack_counts) | set(cn.ack_counts), "every acknowledged detail has its event"
+    assert len(ids) - len(set(ids)) <= window, "duplicates stay within the one shared window"
+    for account in ("reseller-eu", "reseller-cn"):
+        assert sample(metrics, "bridge_leader_transitions_total", account=account, role="leader") >= 2
