@@ -27,6 +27,7 @@ import httpx
 from bridge.errors import AccountFailedError, BridgeError, DeadlineExceeded, OperatorPortError, UpstreamError
 from bridge.health import operator_routes
 from bridge.leadership import Leadership
+from bridge.ledger import Progress
 from bridge.logs import for_account
 from bridge.loop import BridgeLoop, one_error
 from bridge.metrics import Metrics
@@ -73,6 +74,14 @@ class App:
         """The accounts whose ``--once`` drain failed, with why (several accounts only; one raises instead)."""
         self.metrics_port: int | None = None
         self.started = asyncio.Event()
+
+    def progress(self) -> Progress | None:
+        """The run's progress, every account's added together; None before the run built its loops."""
+        if not self.loops:
+            return None
+        if len(self.loops) == 1:
+            return self.loops[0].progress
+        return Progress.total([loop.progress for loop in self.loops])
 
     @property
     def loop(self) -> BridgeLoop | None:

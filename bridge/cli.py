@@ -143,9 +143,7 @@ async def _run(settings: Settings, once: bool, progress_interval_s: float | None
     received = install_stop_handlers(stop)
     app = App(settings)
     complete = False
-    reporter = ProgressReporter(
-        lambda: app.loop.progress if app.loop is not None else None, sys.stderr, interval_s=progress_interval_s
-    )
+    reporter = ProgressReporter(app.progress, sys.stderr, interval_s=progress_interval_s)
     try:
         if once:
             async with reporter:

@@ -47,6 +47,17 @@ class Progress:
         self.backlog: int | None = None  # TotalItemNum of the last poll: every detail still upstream
         self.acknowledged_at_poll = 0  # acknowledged when that poll was answered
 
+    @classmethod
+    def total(cls, parts: list[Progress]) -> Progress:
+        """The progress of several accounts' runs as one: counts added, the backlog of those that know theirs."""
+        total = cls()
+        total.started = min((part.started for part in parts), default=total.started)
+        for name in ("polled", "published", "invalid", "unusable", "acknowledged", "acknowledged_at_poll"):
+            setattr(total, name, sum(getattr(part, name) for part in parts))
+        backlogs = [part.backlog for part in parts if part.backlog is not None]
+        total.backlog = sum(backlogs) if backlogs else None
+        return total
+
 
 class Ledger:
     """Every detail's state, the counts the poll policy reads, and the conditions both tasks wait on.

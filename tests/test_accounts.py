@@ -312,6 +312,8 @@ async def test_run_and_check_read_the_config_file(
     assert code == EXIT_OK, output
     assert eu.acknowledged_count == 300 and cn.acknowledged_count == 200
     assert CN["access_key_secret"] not in output and EU["access_key_secret"] not in output
+    summary = next(json.loads(line) for line in output.splitlines() if '"message": "summary"' in line)
+    assert (summary["done"], summary["published"]) == (500, 500), "the summary adds up both accounts"
     env["ALIBABA_CLOUD_ACCESS_KEY_ID"] = "stray"
     code, output = await cli("run", "--once", "--config", str(config))
     assert code == EXIT_USAGE and "ALIBABA_CLOUD_ACCESS_KEY_ID: set, but the config file lists" in output
