@@ -25,7 +25,7 @@ import os
 import re
 import ssl
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,7 +493,7 @@ def _from_config_file() -> dict[str, Any]:
 class _Layer(PydanticBaseSettingsSource):
     """One source of settings by flat name, handed to pydantic-settings grouped into sections."""
 
-    def __init__(self, settings_cls: type[BaseSettings], read: Any) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], read: Callable[[], dict[str, Any]]) -> None:
         super().__init__(settings_cls)
         self._read = read
 
