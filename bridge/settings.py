@@ -25,7 +25,7 @@ import os
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +193,8 @@ class AccountSettings(_Section):
         return Credentials(self.access_key_id.get_secret_value(), self.access_key_secret, self.security_token)
 
     def secret_values(self) -> list[str]:
-        return [v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v is not None]
+        """The secret and the STS token, in :func:`_scrub` order."""
+        return _in_scrub_order(v.get_secret_value() for v in (self.access_key_secret, self.security_token) if v)
 
 
 class BrokerSettings(_Section):
@@ -300,7 +301,7 @@ class BrokerSettings(_Section):
         return ", ".join(_mask_amqp_url(url) for url in self.amqp_urls)
 
     def secret_values(self) -> list[str]:
-        """Each AMQP URL with a password, and each password alone."""
+        """Each AMQP URL with a password, and each password alone, in :func:`_scrub` order."""
         # A URL without a password is no secret: its host stays readable in the messages that name it.
         text = self.amqp_url.get_secret_value()
         values = [v for v in (text, *self.amqp_urls) if "@" in v]
@@ -311,7 +312,7 @@ class BrokerSettings(_Section):
             # already, and masking it would blank out the user name wherever it appears.
             if colon and password != user:
                 values.append(password)
-        return values
+        return _in_scrub_order(values)
 
     def scrub(self, text: str) -> str:
         """``text`` (a foreign library's error, say) with the broker's secrets replaced by ``***``."""
@@ -574,11 +575,7 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every secret this configuration holds (each AMQP URL and password alone too), longest first."""
-        values = self.broker.secret_values()
-        for account in self.accounts:
-            values += account.secret_values()
-        # Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
-        return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+        return _in_scrub_order([*self.broker.secret_values(), *(v for a in self.accounts for v in a.secret_values())])
 
     def scrub(self, text: str) -> str:
         """``text`` (a foreign library's error, say) with every secret value replaced by ``***``."""
@@ -589,30 +586,41 @@ class Settings(BaseSettings):
 
         With several accounts, ``accounts`` lists each account's settings the same way.
         """
+        secrets = self.secret_values()
+
+        def shown(value: Any) -> Any:
+            if isinstance(value, SecretStr):
+                return "***"
+            return _scrub(value, secrets) if isinstance(value, str) else value
+
         values: dict[str, Any] = {}
         for setting in _BY_FLAT.values():
             if setting.section == "account":
                 if len(self.accounts) == 1:
-                    values[setting.flat] = self._shown(getattr(self.account, setting.field))
+                    values[setting.flat] = shown(getattr(self.account, setting.field))
                 continue
             section = getattr(self, setting.section)
             value = section.amqp_url_masked if setting.flat == "amqp_url" else getattr(section, setting.field)
-            values[setting.flat] = self._shown(value)
+            values[setting.flat] = shown(value)
         if len(self.accounts) > 1:
             values["accounts"] = [
-                {field: self._shown(getattr(account, field)) for field in AccountSettings.model_fields}
+                {field: shown(getattr(account, field)) for field in AccountSettings.model_fields}
                 for account in self.accounts
             ]
         return values
 
-    def _shown(self, value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return "***"
-        return self.scrub(value) if isinstance(value, str) else value
+
+def _in_scrub_order(values: Iterable[str]) -> list[str]:
+    """Distinct secrets, longest first, leaving out those under 3 characters.
+
+    Very short values would blank out ordinary words; longest first leaves no tail of a longer one behind.
+    """
+    return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
 
 
 def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+    """``text`` with each of ``secrets`` (in :func:`_in_scrub_order`) replaced by ``***``."""
+    for secret in secrets:
         text = text.replace(secret, "***")
     return text
 
