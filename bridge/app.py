@@ -161,8 +161,7 @@ class App:
             try:
                 return await loop.run(stop, once=once)
             except _ACCOUNT_ERRORS as exc:
-                loop.fatal = str(exc)
-                self.metrics.account(loop.account).failing.set(1)
+                loop.parked(str(exc))
                 if once:
                     log.error(f"account {loop.account} failed: {exc}", extra={"error": str(exc)})
                     self.failures[loop.account] = exc

@@ -80,7 +80,7 @@ class BridgeLoop:
         self._metrics = metrics
         self.account = upstream.account.name
         self.fatal: str | None = None
-        """Why the account stopped on a fatal upstream error (set by the app); a successful poll clears it."""
+        """Why the account is parked after a fatal upstream error (:meth:`parked`); a successful poll clears it."""
         # Resolved once: a labels() lookup per publish is measurable at thousands of events per second.
         self._published = {outcome: metrics.events_published.labels(outcome.value) for outcome in PublishOutcome}
         self._event_source = publisher.settings.event_source
@@ -142,6 +142,11 @@ class BridgeLoop:
         if age > self._settings.ready_max_poll_age_s:
             return f"upstream: last successful poll {age:.0f}s ago (limit {self._settings.ready_max_poll_age_s:g}s)"
         return None
+
+    def parked(self, reason: str) -> None:
+        """The account's run stopped on an error of its own (:class:`~bridge.app.App` retries it later)."""
+        self.fatal = reason
+        self._metrics.failing.set(1)
 
     @property
     def leading(self) -> bool:

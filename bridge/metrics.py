@@ -190,7 +190,6 @@ class AccountMetrics:
 
     def __init__(self, metrics: Metrics, account: str) -> None:
         self.account = account
-        self.process = metrics
         self.polls = _Labelled(metrics.polls, account)
         self.upstream_requests = _Labelled(metrics.upstream_requests, account)
         self.upstream_latency = _Labelled(metrics.upstream_latency, account)
