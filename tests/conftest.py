@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -108,3 +109,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     from tests.faults_support import report_fault_table
 
     report_fault_table(terminalreporter, config)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty temporary working directory (no stray ``.env``) and no ``BRIDGE_*`` or ``ALIBABA_CLOUD_*`` variable."""
+    for name in list(os.environ):
+        if name.startswith(("BRIDGE_", "ALIBABA_CLOUD_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -35,15 +35,6 @@ EU = {"access_key_id": "eu-key-id", "access_key_secret": "eu-secret-Q7x"}
 CN = {"access_key_id": "cn-key-id", "access_key_secret": "cn-secret-W2v"}
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for name in list(os.environ):
-        if name.startswith(("BRIDGE_", "ALIBABA_CLOUD_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -201,6 +192,22 @@ def _accounts(eu_url: str, cn_url: str, *, cn_secret: str = CN["access_key_secre
     ]
 
 
+def _config_file(path: Path, accounts: list[dict[str, Any]], **top: str) -> Path:
+    """A TOML file with the ``top`` settings and one ``[[accounts]]`` table per entry of ``accounts``."""
+    lines = [f'{key} = "{value}"' for key, value in top.items()]
+    for account in accounts:
+        lines += ["[[accounts]]", *(f'{key} = "{value}"' for key, value in account.items())]
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def _environment_without_accounts(exchange: str, amqp_url: str) -> dict[str, str]:
+    """A bridge process's environment (the test's broker and exchange), leaving the accounts to the file."""
+    env = bridge_env(bridge_settings(exchange, amqp_url))
+    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "BRIDGE_UPSTREAM_ENDPOINT"):
+        env.pop(name)
+    return env
+
+
 @pytest.mark.broker
 async def test_two_accounts_drain_into_one_exchange_each_event_naming_its_account(
     two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str
@@ -286,16 +293,10 @@ async def test_run_and_check_read_the_config_file(
 ) -> None:
     eu, eu_url, cn, cn_url = two_simulators
     secret = _write(tmp_path / "cn.secret", CN["access_key_secret"] + "\n")
-    config = _write(
-        tmp_path / "bridge.toml",
-        f'[[accounts]]\nname = "reseller-eu"\nendpoint = "{eu_url}"\naccess_key_id = "{EU["access_key_id"]}"\n'
-        f'access_key_secret = "{EU["access_key_secret"]}"\n\n'
-        f'[[accounts]]\nname = "reseller-cn"\nendpoint = "{cn_url}"\naccess_key_id = "{CN["access_key_id"]}"\n'
-        f'access_key_secret_file = "{secret}"\n',
-    )
-    env = bridge_env(bridge_settings(exchange_name, broker_url))
-    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "BRIDGE_UPSTREAM_ENDPOINT"):
-        env.pop(name)
+    eu_table, cn_table = _accounts(eu_url, cn_url)
+    del cn_table["access_key_secret"]
+    config = _config_file(tmp_path / "bridge.toml", [eu_table, {**cn_table, "access_key_secret_file": str(secret)}])
+    env = _environment_without_accounts(exchange_name, broker_url)
 
     async def cli(*args: str) -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
@@ -324,16 +325,8 @@ async def test_a_process_with_a_wrong_secret_for_one_account_drains_the_other_an
     two_simulators: tuple[Simulator, str, Simulator, str], broker_url: str, exchange_name: str, tmp_path: Path
 ) -> None:
     eu, eu_url, cn, cn_url = two_simulators
-    config = _write(
-        tmp_path / "bridge.toml",
-        f'[[accounts]]\nname = "reseller-eu"\nendpoint = "{eu_url}"\naccess_key_id = "{EU["access_key_id"]}"\n'
-        f'access_key_secret = "{EU["access_key_secret"]}"\n\n'
-        f'[[accounts]]\nname = "reseller-cn"\nendpoint = "{cn_url}"\naccess_key_id = "{CN["access_key_id"]}"\n'
-        'access_key_secret = "wrong-secret-Z9"\n',
-    )
-    env = bridge_env(bridge_settings(exchange_name, broker_url))
-    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "BRIDGE_UPSTREAM_ENDPOINT"):
-        env.pop(name)
+    config = _config_file(tmp_path / "bridge.toml", _accounts(eu_url, cn_url, cn_secret="wrong-secret-Z9"))
+    env = _environment_without_accounts(exchange_name, broker_url)
     env["BRIDGE_LOG_FORMAT"] = "json"
     process = await asyncio.create_subprocess_exec(
         *BRIDGE_COMMAND, "check", "--config", str(config), env=env, stdout=asyncio.subprocess.PIPE
@@ -453,10 +446,7 @@ async def test_peek_polls_the_account_it_is_asked_for(
     two_simulators: tuple[Simulator, str, Simulator, str], tmp_path: Path
 ) -> None:
     eu, eu_url, cn, cn_url = two_simulators
-    lines = ['upstream_endpoint = "http://unused.test"']
-    for account, url in (({"name": "reseller-eu", **EU}), eu_url), (({"name": "reseller-cn", **CN}), cn_url):
-        lines += ["[[accounts]]", f'endpoint = "{url}"', *(f'{key} = "{value}"' for key, value in account.items())]
-    config = _write(tmp_path / "bridge.toml", "\n".join(lines) + "\n")
+    config = _config_file(tmp_path / "bridge.toml", _accounts(eu_url, cn_url), upstream_endpoint="http://unused.test")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "ALIBABA_CLOUD_"))}
 
     async def peek(*args: str) -> tuple[int, str, str]:

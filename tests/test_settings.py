@@ -6,7 +6,6 @@ Each test runs in an empty temporary directory (so a stray ``.env`` is never rea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,7 @@ TOKEN = "STS.token+/=value-77"
 AMQP_PASSWORD = "amqp-pa55word"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for name in list(os.environ):
-        if name.startswith(("BRIDGE_", "ALIBABA_CLOUD_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _problems(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
