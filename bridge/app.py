@@ -77,11 +77,7 @@ class App:
 
     def progress(self) -> Progress | None:
         """The run's progress, every account's added together; None before the run built its loops."""
-        if not self.loops:
-            return None
-        if len(self.loops) == 1:
-            return self.loops[0].progress
-        return Progress.total([loop.progress for loop in self.loops])
+        return Progress.total([loop.progress for loop in self.loops]) if self.loops else None
 
     @property
     def loop(self) -> BridgeLoop | None:
