@@ -107,7 +107,7 @@ async def run_checks(settings: Settings, http: httpx.AsyncClient) -> list[CheckR
 
     def upstream_check(account: AccountSettings) -> Coroutine[Any, Any, CheckResult]:
         name = f"upstream {account.name}" if several else "upstream"
-        return _guarded(name, scrub, lambda: _check_upstream(settings, account, name, http))
+        return _guarded(name, scrub, lambda: _check_upstream(settings, account, name, http, several=several))
 
     async with asyncio.TaskGroup() as group:
         upstreams = [group.create_task(upstream_check(account)) for account in settings.accounts]
@@ -124,10 +124,10 @@ async def _guarded(name: str, scrub: Callable[[str], str], check: Callable[[], A
 
 
 async def _check_upstream(
-    settings: Settings, account: AccountSettings, name: str, http: httpx.AsyncClient
+    settings: Settings, account: AccountSettings, name: str, http: httpx.AsyncClient, *, several: bool
 ) -> CheckResult:
+    """The ``name`` line for ``account``; with ``several`` accounts it names the account's keys, not variables."""
     client = UpstreamClient(http, settings.upstream, account)
-    several = name != "upstream"
     started = time.perf_counter()
     try:
         page = await client.poll(page_num=1, page_size=1)
